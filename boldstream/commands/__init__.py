@@ -1,0 +1,1 @@
+"""Subcommands of the boldstream CLI, one module each."""
