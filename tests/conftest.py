@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
+from peers import require_tool
+
+__all__ = ["require_tool"]
 
 
 def _package_dir(name: str) -> Path | None:
@@ -43,11 +45,3 @@ def heudiconv_data() -> Path:
     if root is None:
         pytest.fail("heudiconv's test data is needed: pip install --no-deps heudiconv==1.5.1")
     return root / "tests" / "data"
-
-
-def require_tool(name: str) -> str:
-    """Path of an external peer (storescu, dcm2niix...); fail, never skip, if absent."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed; .ci/run installs it (apt-get install dcmtk dcm2niix)")
-    return path

@@ -1,0 +1,67 @@
+"""Which series are analysed. Everything accepted is spooled; only BOLD is analysed.
+
+The decision is made once per series, from its first instance, and logged
+once: a scanner-side MoCo series, phase images, derived maps, localisers of
+another SOP class and so on are stored but never reach the pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from boldstream.config.settings import SelectorSettings
+
+__all__ = ["ENHANCED_MR_IMAGE_STORAGE", "MR_IMAGE_STORAGE", "Selection", "SeriesSelector"]
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+_PROCESSED_CLASSES = {MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE}
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    analyse: bool
+    reason: str
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    value = ds.get("ImageType")
+    if value is None:
+        value = ds.get("FrameType")  # enhanced objects may carry only FrameType
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip().upper() for v in value.split("\\")]
+    return [str(v).strip().upper() for v in value]
+
+
+class SeriesSelector:
+    """Applies :class:`SelectorSettings` to the first instance of a series."""
+
+    def __init__(self, settings: SelectorSettings) -> None:
+        self._include = re.compile(settings.include_description, re.IGNORECASE)
+        self._exclude = (
+            re.compile(settings.exclude_description) if settings.exclude_description else None
+        )
+        self._bad_types = {t.upper() for t in settings.exclude_image_types}
+
+    def decide(self, ds: Dataset, sop_class_uid: str) -> Selection:
+        if sop_class_uid not in _PROCESSED_CLASSES:
+            return Selection(False, f"SOP class {sop_class_uid} is stored but not processed")
+        description = str(ds.get("SeriesDescription", "") or "")
+        if not self._include.search(description):
+            return Selection(False, f"SeriesDescription {description!r} not included")
+        if self._exclude is not None and self._exclude.search(description):
+            return Selection(False, f"SeriesDescription {description!r} excluded")
+        # Only values after the first two (ORIGINAL/DERIVED, PRIMARY/SECONDARY)
+        # describe the image, except DERIVED itself, which is checked on its own.
+        types = _image_type(ds)
+        hit = sorted(self._bad_types.intersection(types[2:]))
+        if "DERIVED" in self._bad_types and types[:1] == ["DERIVED"]:
+            hit = ["DERIVED", *hit]
+        if hit:
+            return Selection(False, f"ImageType {'/'.join(types)} excluded ({', '.join(hit)})")
+        return Selection(True, "selected")

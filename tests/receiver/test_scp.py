@@ -1,0 +1,123 @@
+"""The Storage SCP against DCMTK's echoscu/storescu, the scanner-side peers."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from peers import require_tool
+
+from boldstream.config import load_settings
+from boldstream.receiver.scp import Received, StorageSCP
+from boldstream.receiver.spool import Spool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **receiver: object) -> None:
+        settings = load_settings(
+            overrides=[{"receiver": {"port": 0, "spool_dir": str(tmp_path / "spool"), **receiver}}],
+            environ={},
+        )
+        self.received: list[Received] = []
+        self.spool = Spool(settings.receiver.spool_dir)
+        self.scp = StorageSCP(settings.receiver, self.spool, self.received.append)
+        self.scp.start()
+
+    def storescu(
+        self, *files: Path, aet: str = "SCANNER", extra: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            require_tool("storescu"),
+            "-aet",
+            aet,
+            "-aec",
+            "BOLDSTREAM",
+            *extra,
+            "127.0.0.1",
+            str(self.scp.port),
+            *map(str, files),
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.scp.stop()
+
+
+def test_echoscu_gets_success(scp: Harness) -> None:
+    out = subprocess.run(
+        [
+            require_tool("echoscu"),
+            "-aet",
+            "SCANNER",
+            "-aec",
+            "BOLDSTREAM",
+            "127.0.0.1",
+            str(scp.scp.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_storescu_instance_is_spooled_before_success(scp: Harness, pydicom_data: Path) -> None:
+    src = pydicom_data / "MR_small.dcm"
+    out = scp.storescu(src)
+    assert out.returncode == 0, out.stderr
+    ds = pydicom.dcmread(src)
+    path = scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert path.exists()
+    stored = pydicom.dcmread(path)
+    assert stored.pixel_array.tobytes() == ds.pixel_array.tobytes()
+    assert [r.sop_instance_uid for r in scp.received] == [ds.SOPInstanceUID]
+    assert scp.received[0].calling_aet == "SCANNER"
+    assert scp.scp.stats.snapshot()["accepted"] == 1
+
+
+def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data: Path) -> None:
+    src = pydicom_data / "MR_small.dcm"
+    assert scp.storescu(src).returncode == 0
+    assert scp.storescu(src).returncode == 0
+    assert len(scp.received) == 1
+    assert scp.scp.stats.snapshot()["duplicates"] == 1
+
+
+def test_other_storage_classes_are_accepted_and_spooled(scp: Harness, pydicom_data: Path) -> None:
+    src = pydicom_data / "CT_small.dcm"
+    out = scp.storescu(src)
+    assert out.returncode == 0, out.stderr
+    ds = pydicom.dcmread(src)
+    assert scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).exists()
+
+
+def test_refused_calling_ae_title(tmp_path: Path, pydicom_data: Path) -> None:
+    h = Harness(tmp_path, allowed_calling_aets=["CONSOLE1"])
+    try:
+        out = h.storescu(pydicom_data / "MR_small.dcm", aet="INTRUDER")
+        assert out.returncode != 0
+        assert "reject" in (out.stdout + out.stderr).lower()
+        assert h.received == []
+        assert h.storescu(pydicom_data / "MR_small.dcm", aet="CONSOLE1").returncode == 0
+        assert len(h.received) == 1
+    finally:
+        h.scp.stop()
+
+
+def test_unwritable_spool_answers_out_of_resources(scp: Harness, pydicom_data: Path) -> None:
+    ds = pydicom.dcmread(pydicom_data / "MR_small.dcm")
+    # A file where the study folder should be: the spool cannot write there.
+    (scp.spool.root / ds.StudyInstanceUID).write_text("in the way")
+    out = scp.storescu(pydicom_data / "MR_small.dcm", extra=("-v",))
+    assert "Refused: OutOfResources" in out.stdout + out.stderr, out.stderr
+    assert scp.received == []
+    assert scp.scp.stats.snapshot()["out_of_resources"] == 1
