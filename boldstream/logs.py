@@ -48,5 +48,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    """A structlog logger bound with ``component=name`` and extra context."""
-    return structlog.get_logger().bind(component=name, **context)
+    """A structlog logger bound with ``component=name`` and extra context.
+
+    The logger stays lazy, so one created at import time still follows a
+    :func:`configure_logging` call made later.
+    """
+    return structlog.get_logger(component=name, **context)
