@@ -21,6 +21,10 @@ is not aligned for its dtype (libzmq can hand small frames at odd offsets),
 and a volume whose float32 data arrived in non-native byte order (a
 :class:`~boldstream.receiver.Volume` promises native float32).
 
+pyzmq copies frames below ``zmq.COPY_THRESHOLD`` (64 kB) even with
+``copy=False``, which is cheaper than zero-copy bookkeeping for small
+buffers; volumes (0.6 MB for 64x64x36, 1.9 MB for 90x90x60) are above it.
+
 A sender must not modify an array after sending it with ``copy=False``; the
 pipeline treats volumes and results as immutable, which makes this safe.
 """
