@@ -82,6 +82,10 @@ class Stage:
         """End of stream: emit whatever is still held."""
         return ()
 
+    def stats(self) -> dict[str, Any]:
+        """Stage-specific counters, reported under ``"stage"`` in health."""
+        return {}
+
     def close(self) -> None:
         """Release resources; called once when the loop ends."""
 
@@ -241,6 +245,7 @@ class _Loop:
             "idle_s": None if last_in is None else now - last_in,
             "lag_s": self.last.get("lag"),
             "process_s": self.last.get("process"),
+            "stage": self.stage.stats(),
         }
 
     def handle_control(self) -> None:
