@@ -259,14 +259,22 @@ class Assembler:
             pending.last_received = max(pending.last_received, received)
 
     def _learn_count(self, series: _Series, pending: _Pending, now: float) -> list[Event]:
-        """Close ``pending`` as complete and take its size as the series' count."""
+        """Close ``pending`` as complete and take its size as the series' count.
+
+        A volume whose slices do not form an even stack (a slice lost in the
+        middle) teaches nothing: the count stays unknown for the next one.
+        """
         count = len(pending.slices)
+        info = series.info
         series.expected = count
-        series.info = dataclasses.replace(series.info, slices_per_volume=count)
-        _log.info("slices per volume learnt", series=series.info.session_key, slices=count)
-        out = [self._close(series, pending, complete=True, now=now)]
+        series.info = dataclasses.replace(info, slices_per_volume=count)
+        first = self._close(series, pending, complete=True, now=now)
+        if not isinstance(first, Volume):
+            series.expected, series.info = None, info
+            return [first]
+        _log.info("slices per volume learnt", series=info.session_key, slices=count)
         done = [p for p in series.pending.values() if len(p.slices) >= count]
-        return out + [self._close(series, p, complete=True, now=now) for p in done]
+        return [first] + [self._close(series, p, complete=True, now=now) for p in done]
 
     def _close(self, series: _Series, pending: _Pending, *, complete: bool, now: float) -> Event:
         del series.pending[pending.index]

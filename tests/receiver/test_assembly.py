@@ -303,3 +303,21 @@ def test_assembly_latency_of_a_64x64x35_mosaic(mosaic_path: Path) -> None:
     )
     assert p95_total < 5.0
     assert assembler.pending_volumes == 0
+
+
+def test_count_is_not_learnt_from_a_volume_with_a_hole(builders: ModuleType) -> None:
+    volumes, stored = builders.build_series(3, 5, manufacturer="SIEMENS")
+    for t, vol in enumerate(volumes):
+        for ds in vol:
+            ds.AcquisitionNumber = t + 1
+    fragments = _slice_fragments(volumes)
+    assembler = Assembler(SETTINGS)
+    for fragment in fragments[0][:2] + fragments[0][3:]:  # middle slice lost
+        assembler.add([fragment], received=T0)
+    assembler.add(fragments[1], received=T0 + 2.0)
+    rejected = assembler.expire(T0 + 3.5)
+    assert len(rejected) == 1 and isinstance(rejected[0], VolumeIncomplete)
+    assembler.add(fragments[2][:1], received=T0 + 4.0)
+    second = _only_volume(assembler.expire(T0 + 5.5))
+    assert second.index == 1 and second.series.slices_per_volume == 5
+    assert np.array_equal(second.data, _expected_volume(stored[1]))
