@@ -279,10 +279,12 @@ class Assembler:
     def _close(self, series: _Series, pending: _Pending, *, complete: bool, now: float) -> Event:
         del series.pending[pending.index]
         series.closed.add(pending.index)
+        reason = "timeout: slices missing"
         if complete:
             try:
                 return self._build(series, pending)
             except DicomInputError as exc:
+                reason = f"rejected: {exc}"
                 self.stats.rejected += 1
                 _log.error(
                     "volume rejected",
@@ -305,6 +307,7 @@ class Assembler:
             slices_expected=series.expected,
             first_received=pending.first_received,
             reported=now,
+            reason=reason,
         )
 
     def _build(self, series: _Series, pending: _Pending) -> Volume:

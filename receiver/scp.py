@@ -117,7 +117,7 @@ class _QuickAckSocket(socket.socket):
         return data
 
 
-class _TunedServer(ThreadedAssociationServer):  # type: ignore[misc]
+class _TunedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP tuning of accepted sockets."""
 
     tcp_quickack = True
@@ -252,7 +252,8 @@ class StorageSCP:
         ae = AE(ae_title=s.ae_title)
         # Accept every storage class (spool all, process MR only) + Verification.
         for cx in [*AllStoragePresentationContexts, *VerificationPresentationContexts]:
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu_size
         ae.network_timeout = s.network_timeout_s

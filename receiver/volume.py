@@ -2,9 +2,9 @@
 
 A :class:`Volume` always carries its ``vox2ras`` affine (RAS+, mm): the LPS
 patient frame of DICOM is converted once, in the receiver, and nowhere else.
-Array axes follow nibabel's DICOM convention: axis 0 runs along a DICOM row
-(column index), axis 1 down a column (row index), axis 2 along the slice
-normal in increasing position.
+Array axes follow dcm2niix's (NIfTI's) order: axis 0 runs along a DICOM row
+(the column index), axis 1 down a column (the row index), axis 2 along the
+slice normal in increasing position; ``data = pixel_array.T`` for one slice.
 """
 
 from __future__ import annotations
@@ -88,3 +88,6 @@ class VolumeIncomplete:
     slices_expected: int | None
     first_received: float
     reported: float
+    #: Why it will not come: "timeout: slices missing", or "rejected: <why>"
+    #: for a volume whose slices arrived but do not form a valid stack.
+    reason: str = ""

@@ -1,0 +1,98 @@
+"""``boldstream serve``: run the DICOM listener and the pipeline until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from boldstream.config import Settings, load_settings
+from boldstream.logs import configure_logging, get_logger
+from boldstream.receiver.ingest import Emitted
+from boldstream.receiver.service import Receiver
+from boldstream.receiver.volume import Volume
+
+__all__ = ["add_settings_arguments", "register", "run", "settings_from_args"]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every long-running command shares: the config file and overrides."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="TOML",
+        help="settings file (see docs/configuration.md); environment variables "
+        "BOLDSTREAM_<SECTION>__<KEY> and --set override it",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set assembly.volume_timeout_s=5 (repeatable)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace, **receiver: Any) -> Settings:
+    """Defaults < TOML < environment < --set < the command's own flags."""
+    overrides: list[Any] = list(args.overrides)
+    flags = {k: v for k, v in receiver.items() if v is not None}
+    if flags:
+        overrides.append({"receiver": flags})
+    return load_settings(args.config, overrides=overrides)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the DICOM Storage SCP and the real-time pipeline",
+        description="Listen for DICOM C-STORE/C-ECHO from the scanner, spool every instance "
+        "durably, assemble volumes and process them until interrupted (Ctrl-C / SIGTERM).",
+    )
+    add_settings_arguments(p)
+    p.add_argument("--port", type=int, help="TCP port to listen on (receiver.port; 0: any free)")
+    p.add_argument("--bind", help="address to listen on (receiver.bind, default 127.0.0.1)")
+    p.add_argument("--ae-title", help="our AE title (receiver.ae_title, default BOLDSTREAM)")
+    p.add_argument("--spool", type=Path, help="spool folder (receiver.spool_dir)")
+    p.set_defaults(func=run)
+
+
+def _log_volume(log: Any) -> Any:
+    def emit(event: Emitted) -> None:
+        if isinstance(event, Volume):
+            log.info(
+                "volume assembled",
+                series=event.series.series_uid,
+                volume=event.index,
+                shape=list(event.shape),
+                assembly_ms=round((event.assembled - event.last_received) * 1000, 2),
+            )
+
+    return emit
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(
+        args, port=args.port, bind=args.bind, ae_title=args.ae_title, spool_dir=args.spool
+    )
+    configure_logging(level=settings.logging.level, json=settings.logging.json_output)
+    log = get_logger("serve")
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    receiver = Receiver(settings, _log_volume(log))
+    receiver.start()
+    # One machine-readable line that scripts and tests can wait for.
+    print(f"boldstream listening on {settings.receiver.bind}:{receiver.port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        receiver.stop()
+    return 0

@@ -1,0 +1,226 @@
+"""The ingest thread: from spooled instances to assembled volumes.
+
+Handler threads (one per association) only spool and enqueue; this single
+thread owns the :class:`~boldstream.receiver.assembly.Assembler`, so assembly
+needs no locks. It decides once per series whether the series is analysed,
+decodes pixel data, assembles volumes, times out volumes that will never
+complete, closes idle series in the spool, and hands every
+:class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
+
+On start, :meth:`Ingest.recover` re-reads every instance of every series the
+spool has not closed, so a crash between "success sent to the scanner" and
+"volume assembled" loses nothing; downstream de-duplicates volumes by
+(series, index).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+import structlog
+
+from boldstream.config.settings import Settings
+from boldstream.errors import DicomInputError
+from boldstream.logs import get_logger
+from boldstream.receiver.assembly import Assembler
+from boldstream.receiver.decode import decode_instance
+from boldstream.receiver.scp import Received
+from boldstream.receiver.selector import Selection, SeriesSelector
+from boldstream.receiver.spool import Spool
+from boldstream.receiver.volume import Volume, VolumeIncomplete
+
+__all__ = ["Ingest", "IngestStats"]
+
+Emitted = Volume | VolumeIncomplete
+
+
+@dataclass
+class IngestStats:
+    instances: int = 0
+    skipped: int = 0
+    undecodable: int = 0
+    volumes: int = 0
+    incomplete: int = 0
+    recovered: int = 0
+
+
+@dataclass
+class _SeriesState:
+    study_uid: str
+    selection: Selection
+    last_seen: float
+
+
+class Ingest:
+    """Consumes :class:`Received` instances on one thread; see module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        emit: Callable[[Emitted], None],
+        *,
+        tick_s: float = 0.1,
+        max_queue: int = 20000,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.stats = IngestStats()
+        self._emit = emit
+        self._tick_s = tick_s
+        self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=max_queue)
+        self._selector = SeriesSelector(settings.selector)
+        self._assembler = Assembler(settings.assembly)
+        self._series: dict[str, _SeriesState] = {}
+        self._thread = threading.Thread(target=self._run, name="boldstream-ingest", daemon=True)
+        self._log = get_logger("ingest")
+        self._idle = threading.Event()
+
+    # -- producer side (handler threads) ---------------------------------
+    def submit(self, item: Received) -> None:
+        """Enqueue an instance already safe in the spool (blocks if far behind)."""
+        self._idle.clear()
+        self._queue.put(item)
+
+    def recover(self) -> int:
+        """Enqueue every instance of every unclosed series in the spool."""
+        n = 0
+        for path in self.spool.pending():
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception as exc:
+                self._log.error("spooled file unreadable", path=str(path), error=str(exc))
+                continue
+            meta = getattr(ds, "file_meta", None)
+            sop_class = str(meta.MediaStorageSOPClassUID) if meta is not None else ""
+            self.submit(
+                Received(
+                    dataset=ds,
+                    path=path,
+                    sop_class_uid=sop_class or str(ds.get("SOPClassUID", "")),
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", path.stem)),
+                    received=path.stat().st_mtime,
+                    recovered=True,
+                )
+            )
+            n += 1
+        self.stats.recovered += n
+        if n:
+            self._log.info("recovering spooled instances", instances=n)
+        return n
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything submitted so far has been processed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return self._queue.unfinished_tasks == 0
+
+    # -- the thread --------------------------------------------------------
+    def _run(self) -> None:
+        next_tick = time.monotonic() + self._tick_s
+        while True:
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+                got = False
+            else:
+                got = True
+            try:
+                if got and item is None:
+                    self._tick(time.time())
+                    return
+                if item is not None:
+                    self._process(item)
+                if time.monotonic() >= next_tick:
+                    self._tick(time.time())
+                    next_tick = time.monotonic() + self._tick_s
+            except Exception:
+                self._log.exception("ingest step failed; continuing")
+            finally:
+                if got:
+                    self._queue.task_done()
+
+    def _series_state(self, item: Received) -> tuple[str, _SeriesState]:
+        ds = item.dataset
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        state = self._series.get(uid)
+        if state is None:
+            selection = self._selector.decide(ds, item.sop_class_uid)
+            state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
+            self._series[uid] = state
+            self._log.info(
+                "new series" + ("" if selection.analyse else ": spooled only, not analysed"),
+                series=uid,
+                description=str(ds.get("SeriesDescription", "")),
+                reason=selection.reason,
+            )
+        state.last_seen = max(state.last_seen, time.time())
+        return uid, state
+
+    def _process(self, item: Received) -> None:
+        self.stats.instances += 1
+        uid, state = self._series_state(item)
+        if not state.selection.analyse:
+            self.stats.skipped += 1
+            return
+        with structlog.contextvars.bound_contextvars(series=uid):
+            try:
+                fragments = decode_instance(item.dataset, assembly=self.settings.assembly)
+                events = self._assembler.add(fragments, received=item.received)
+            except DicomInputError as exc:
+                self.stats.undecodable += 1
+                self._log.warning(
+                    "instance stored but cannot be assembled",
+                    path=str(item.path),
+                    reason=str(exc),
+                )
+                return
+            self._dispatch(events)
+
+    def _tick(self, now: float) -> None:
+        self._dispatch(self._assembler.expire(now))
+        idle_after = self.settings.assembly.series_idle_timeout_s
+        for uid, state in list(self._series.items()):
+            if now - state.last_seen > idle_after:
+                self.spool.close_series(state.study_uid, uid)
+                del self._series[uid]
+                self._log.info("series closed after idle timeout", series=uid)
+
+    def _dispatch(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, Volume):
+                self.stats.volumes += 1
+            elif isinstance(event, VolumeIncomplete):
+                self.stats.incomplete += 1
+                self._log.warning(
+                    "volume incomplete: will not be waited for",
+                    series=event.series.series_uid,
+                    volume=event.index,
+                    slices_received=event.slices_received,
+                    slices_expected=event.slices_expected,
+                    reason=event.reason,
+                )
+            try:
+                self._emit(event)
+            except Exception:
+                self._log.exception("volume consumer failed")

@@ -1,0 +1,48 @@
+"""The receiver as one unit: spool + Storage SCP + ingest thread.
+
+Start order matters: the spool is opened, unclosed series are queued for
+recovery, the ingest thread starts, and only then does the SCP listen, so an
+instance that arrives during recovery is ordered after the recovered ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from boldstream.config.settings import Settings
+from boldstream.receiver.ingest import Emitted, Ingest
+from boldstream.receiver.scp import StorageSCP
+from boldstream.receiver.spool import Spool
+
+__all__ = ["Receiver"]
+
+
+class Receiver:
+    """Owns the receiver's threads; ``emit`` gets every assembled volume or gap."""
+
+    def __init__(self, settings: Settings, emit: Callable[[Emitted], None]) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.receiver.spool_dir, fsync=settings.receiver.fsync)
+        self.ingest = Ingest(settings, self.spool, emit)
+        self.scp = StorageSCP(settings.receiver, self.spool, self.ingest.submit)
+
+    def start(self) -> None:
+        self.ingest.recover()
+        self.ingest.start()
+        self.scp.start()
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def stop(self) -> None:
+        """Stop listening, then drain what was accepted."""
+        self.scp.stop()
+        self.ingest.stop()
+
+    def __enter__(self) -> Receiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
