@@ -8,6 +8,7 @@ error names the key (``receiver.port: ...``).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,8 @@ class ReceiverSettings(_Section):
     spool_dir: Path = Path("spool")
     #: Calling AE titles allowed to associate; empty allows any.
     allowed_calling_aets: tuple[str, ...] = ()
+    #: Peer IP addresses or networks (CIDR) allowed to connect; empty allows any.
+    allowed_addresses: tuple[str, ...] = ()
     #: Associations served in parallel (each in its own thread).
     max_associations: int = Field(default=8, ge=1, le=64)
     #: Largest PDU we accept; 0 means unlimited.
@@ -57,6 +60,11 @@ class ReceiverSettings(_Section):
     #: Set TCP_NODELAY and re-arm TCP_QUICKACK on accepted sockets
     #: (see docs/scanner-setup.md for why and what the sender should set).
     tcp_quickack: bool = True
+    #: DICOM over TLS: our certificate and its private key (PEM); both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: With TLS on: the CA (PEM) that must have signed every client's certificate.
+    tls_ca: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -67,6 +75,27 @@ class ReceiverSettings(_Section):
     @classmethod
     def _aets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae_title(a) for a in v)
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for text in v:
+            try:
+                out.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(
+                    f"{text!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+                ) from None
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _tls(self) -> ReceiverSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca (client certificates) needs tls_cert and tls_key")
+        return self
 
 
 class SelectorSettings(_Section):

@@ -19,7 +19,9 @@ accept does nothing). See docs/scanner-setup.md for the sender side.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ __all__ = [
     "Received",
     "ReceiverStats",
     "StorageSCP",
+    "make_tls_context",
 ]
 
 STATUS_SUCCESS = 0x0000
@@ -118,14 +121,38 @@ class _QuickAckSocket(socket.socket):
 
 
 class _TunedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP tuning of accepted sockets."""
+    """pynetdicom's threaded server, with checks before pynetdicom sees a peer.
 
-    tcp_quickack = True
+    - In the accept thread (no I/O, so nothing can stall accepting): the peer
+      address is checked against ``allowed_networks``.
+    - In the connection's own thread, bounded by ``handshake_timeout_s``: the
+      TLS handshake, or for plain TCP a peek at the first eight bytes, which
+      must be an A-ASSOCIATE-RQ PDU header. Anything else is dropped at once
+      with one log line, instead of pynetdicom answering every garbage byte
+      with an A-ABORT and holding the socket until its ARTIM timer expires.
+    - Plain TCP sockets get TCP_NODELAY and re-armed TCP_QUICKACK.
+
+    The attributes are set per instance by :class:`StorageSCP` before serving.
+    """
+
+    tcp_quickack: bool = True
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    handshake_timeout_s: float = 30.0
+    log: Any = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = super().get_request()
-        if not self.tcp_quickack or type(client) is not socket.socket:
-            return client, address  # TLS sockets are left as they are
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            if self.tcp_quickack:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The handshake runs later, in the connection's thread, with a timeout.
+            wrapped = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+            return wrapped, address
+        if not self.tcp_quickack:
+            return client, address
         timeout = client.gettimeout()
         tuned = _QuickAckSocket(client.family, client.type, client.proto, fileno=client.detach())
         tuned.settimeout(timeout)
@@ -133,6 +160,141 @@ class _TunedServer(ThreadedAssociationServer):
         if _TCP_QUICKACK is not None:
             tuned.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         return tuned, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_networks or _address_allowed(client_address[0], self.allowed_networks):
+            return True
+        self.log.warning(
+            "connection refused: peer address not in receiver.allowed_addresses",
+            peer=_peer(client_address),
+        )
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if not self._admit(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _admit(self, sock: socket.socket, client_address: Any) -> bool:
+        """TLS handshake or a look at the first PDU header; False drops the peer."""
+        peer = _peer(client_address)
+        timeout = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout_s)
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.do_handshake()
+                subject = _subject(sock.getpeercert())
+                self.log.info("TLS connection", peer=peer, client_certificate=subject or "none")
+                return True
+            head = sock.recv(8, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except ssl.SSLError as exc:
+            self.log.warning(
+                "connection dropped: TLS handshake failed",
+                peer=peer,
+                reason=exc.reason or str(exc),
+            )
+            return False
+        except OSError as exc:  # includes the timeout
+            self.log.warning(
+                "connection dropped: no association request",
+                peer=peer,
+                reason=str(exc) or type(exc).__name__,
+            )
+            return False
+        finally:
+            if sock.fileno() != -1:
+                sock.settimeout(timeout)
+        if not head:
+            self.log.info("connection closed by the peer before an association request", peer=peer)
+            return False
+        problem = _association_request_problem(head)
+        if problem is not None:
+            self.log.warning(
+                "connection dropped: not a DICOM association request",
+                peer=peer,
+                reason=problem,
+                first_bytes=head.hex(),
+            )
+            return False
+        return True
+
+
+def _peer(client_address: Any) -> str:
+    return f"{client_address[0]}:{client_address[1]}"
+
+
+def _subject(cert: Any) -> str:
+    """The commonName of a peer certificate (from ``getpeercert()``), or ''."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
+
+
+def _address_allowed(
+    host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(ip in net for net in networks)
+
+
+def _association_request_problem(head: bytes) -> str | None:
+    """Why eight bytes cannot start an A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), or None."""
+    if head[0] != 0x01:
+        return f"PDU type 0x{head[0]:02X} where an association request (0x01) must come first"
+    if len(head) < 8:
+        return f"connection closed after {len(head)} bytes of an association request"
+    length = int.from_bytes(head[2:6], "big")
+    if length < 68:
+        return f"association request of {length} bytes is shorter than its fixed part (68)"
+    if not int.from_bytes(head[6:8], "big") & 1:
+        return "association request without protocol version 1"
+    return None
+
+
+def _pixel_data_problem(ds: Dataset) -> str | None:
+    """Why native Pixel Data does not match Rows x Columns x frames, or None.
+
+    Only uncompressed transfer syntaxes are checked (an encapsulated stream's
+    size is its codec's business). The value may carry one pad byte to reach
+    an even length; anything shorter or longer means the header does not
+    describe the pixels (a cut or corrupt instance), and spooling it would
+    only store garbage.
+    """
+    if "PixelData" not in ds:
+        return None
+    meta = getattr(ds, "file_meta", None)
+    transfer = meta.get("TransferSyntaxUID") if meta is not None else None
+    if transfer is None or transfer.is_compressed:
+        return None
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "Rows, Columns or BitsAllocated missing or not a number: pixel data undescribed"
+    if min(rows, cols, bits, samples, frames) < 1:
+        return (
+            f"pixel description is empty (Rows={rows}, Columns={cols}, BitsAllocated={bits}, "
+            f"SamplesPerPixel={samples}, NumberOfFrames={frames})"
+        )
+    needed = (rows * cols * frames * samples * bits + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        needed = needed // 3 * 2  # chroma subsampled in the native encoding
+    have = len(ds.PixelData)
+    if needed <= have <= needed + (needed & 1):
+        return None
+    shape = f"{rows}x{cols}x{frames} pixels of {samples}x{bits} bits"
+    if have < needed:
+        return f"pixel data is {have} bytes but {shape} need {needed}: truncated instance"
+    return f"pixel data is {have} bytes but {shape} need {needed}: header and pixels disagree"
 
 
 def handle_store(
@@ -154,7 +316,10 @@ def handle_store(
         study = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         if "PixelData" not in ds and sop_class.startswith("1.2.840.10008.5.1.4.1.1.4"):
-            raise DicomInputError("MR image without Pixel Data")
+            raise DicomInputError("MR image without Pixel Data: truncated or not an image")
+        problem = _pixel_data_problem(ds)
+        if problem is not None:
+            raise DicomInputError(problem)
         encoded = event.encoded_dataset()
     except DicomInputError as exc:
         stats.add(rejected=1)
@@ -213,9 +378,19 @@ def _handle_accepted(event: evt.Event, stats: ReceiverStats, log: Any) -> None:
     log.info("association accepted", calling_aet=req.ae_title, peer=f"{req.address}:{req.port}")
 
 
-def _handle_rejected(event: evt.Event, log: Any) -> None:
+def _handle_rejected(event: evt.Event, allowed_aets: tuple[str, ...], log: Any) -> None:
     req = event.assoc.requestor
-    log.warning("association rejected", calling_aet=req.ae_title, peer=f"{req.address}:{req.port}")
+    title = str(req.ae_title).strip()
+    if allowed_aets and title not in allowed_aets:
+        reason = f"calling AE title {title!r} is not in receiver.allowed_calling_aets"
+    else:
+        reason = "association request refused"
+    log.warning(
+        "association rejected",
+        reason=reason,
+        calling_aet=title,
+        peer=f"{req.address}:{req.port}",
+    )
 
 
 def _handle_aborted(event: evt.Event, log: Any) -> None:
@@ -229,6 +404,32 @@ def _handle_aborted(event: evt.Event, log: Any) -> None:
 
 def _handle_released(event: evt.Event, log: Any) -> None:
     log.info("association released", calling_aet=event.assoc.requestor.ae_title)
+
+
+def make_tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
+    """The server TLS context from ``tls_cert``/``tls_key``/``tls_ca``; None when off.
+
+    TLS 1.2 or later. With ``tls_ca`` set, a client must present a
+    certificate signed by that authority (mutual TLS, DICOM PS3.15 B.1).
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ReceiverError(
+            f"receiver.tls_cert/tls_key: cannot load {settings.tls_cert} with key "
+            f"{settings.tls_key}: {exc}"
+        ) from exc
+    if settings.tls_ca is not None:
+        try:
+            context.load_verify_locations(cafile=settings.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReceiverError(f"receiver.tls_ca: cannot load {settings.tls_ca}: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class StorageSCP:
@@ -270,18 +471,27 @@ class StorageSCP:
             (evt.EVT_C_STORE, handle_store, [self.spool, self._deliver, self.stats, self._log]),
             (evt.EVT_C_ECHO, handle_echo, [self._log]),
             (evt.EVT_ACCEPTED, _handle_accepted, [self.stats, self._log]),
-            (evt.EVT_REJECTED, _handle_rejected, [self._log]),
+            (evt.EVT_REJECTED, _handle_rejected, [self.settings.allowed_calling_aets, self._log]),
             (evt.EVT_ABORTED, _handle_aborted, [self._log]),
             (evt.EVT_RELEASED, _handle_released, [self._log]),
         ]
         address = (self.settings.bind, self.settings.port)
-        _TunedServer.tcp_quickack = self.settings.tcp_quickack
+        tls = make_tls_context(self.settings)
         try:
-            server = ae.make_server(address, evt_handlers=handlers, server_class=_TunedServer)
+            server = ae.make_server(
+                address, evt_handlers=handlers, server_class=_TunedServer, ssl_context=tls
+            )
         except OSError as exc:
             raise ReceiverError(
                 f"cannot listen on {self.settings.bind}:{self.settings.port}: {exc.strerror}"
             ) from exc
+        # Set before serve_forever starts, per server (not on the class).
+        server.tcp_quickack = self.settings.tcp_quickack
+        server.allowed_networks = tuple(
+            ipaddress.ip_network(a, strict=False) for a in self.settings.allowed_addresses
+        )
+        server.handshake_timeout_s = ae.acse_timeout
+        server.log = self._log
         thread = threading.Thread(target=server.serve_forever, name="boldstream-scp", daemon=True)
         thread.start()
         ae._servers.append(server)
@@ -293,6 +503,10 @@ class StorageSCP:
             port=self.port,
             spool=str(self.spool.root),
             allowed_calling_aets=list(self.settings.allowed_calling_aets) or "any",
+            allowed_addresses=list(self.settings.allowed_addresses) or "any",
+            tls="off"
+            if tls is None
+            else ("client certificate required" if self.settings.tls_ca else "on"),
         )
 
     @property
