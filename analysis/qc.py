@@ -133,7 +133,7 @@ class QCAccumulator:
         std_dvars_warmup: int = 20,
         std_dvars_window: int = 120,
         std_dvars_refresh: int = 10,
-        std_dvars_voxels: int | None = 4096,
+        std_dvars_voxels: int | None = 2048,
     ) -> None:
         m = np.asarray(mask, dtype=bool)
         if m.ndim != 3 or not m.any():
