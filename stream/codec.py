@@ -2,10 +2,11 @@
 
 - Frame 0, the topic (UTF-8), is what SUB sockets filter on.
 - Frame 1 is a UTF-8 JSON object: the schema version ``v`` ("major.minor"),
-  the payload ``kind``, the ``ts`` timestamps dict, the payload's fields in
-  ``body`` and, for each following frame, an entry of ``arrays`` giving its
-  ``name``, ``dtype`` (NumPy type string with explicit byte order, e.g.
-  ``"<f4"`` or ``">f4"``), ``shape`` and memory ``order`` ("C" or "F").
+  the payload ``kind``, the ``series`` (:class:`SeriesInfo` fields, or null),
+  the ``ts`` timestamps dict, the payload's other fields in ``body`` and,
+  for each following frame, an entry of ``arrays`` giving its ``name``,
+  ``dtype`` (NumPy type string with explicit byte order, e.g. ``"<f4"`` or
+  ``">f4"``), ``shape`` and memory ``order`` ("C" or "F").
 - Frames 2.. are the raw array buffers, sent with ``copy=False``: a C- or
   Fortran-contiguous array goes out without a copy, any other layout is made
   C-contiguous first. Byte order is kept as sent and stated in ``dtype``.
@@ -31,6 +32,7 @@ pipeline treats volumes and results as immutable, which makes this safe.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -164,14 +166,14 @@ def _series_out(series: SeriesInfo) -> dict[str, Any]:
 
 def _series_in(raw: Any) -> SeriesInfo:
     if not isinstance(raw, dict):
-        raise MessageError(f"body.series: expected an object, got {raw!r}")
+        raise MessageError(f"header 'series': expected an object, got {raw!r}")
     known = {k: v for k, v in raw.items() if k in _SERIES_FIELDS}
     if known.get("slice_timing") is not None:
-        known["slice_timing"] = tuple(float(t) for t in known["slice_timing"])
+        known["slice_timing"] = tuple(map(float, known["slice_timing"]))
     try:
         return SeriesInfo(**known)
     except TypeError as exc:
-        raise MessageError(f"body.series: {exc}") from exc
+        raise MessageError(f"header 'series': {exc}") from exc
 
 
 def _affine_out(name: str, affine: npt.NDArray[Any]) -> list[list[float]]:
@@ -193,8 +195,13 @@ def _affine_in(name: str, raw: Any) -> npt.NDArray[np.float64]:
     return a
 
 
-def _optional_series(series: SeriesInfo | None) -> dict[str, Any] | None:
-    return None if series is None else _series_out(series)
+@functools.lru_cache(maxsize=256)
+def _series_json(series: SeriesInfo) -> str:
+    """A series' JSON, cached: its slice times are most of a header's encoding cost."""
+    try:
+        return json.dumps(_series_out(series), separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise MessageError(f"series {series.series_uid}: not JSON-able ({exc})") from exc
 
 
 # --------------------------------------------------------------------------- encode
@@ -216,7 +223,6 @@ def encode(message: Message) -> list[Any]:
                 f"with shape {p.data.shape}"
             )
         body = {
-            "series": _series_out(p.series),
             "index": p.index,
             "acquisition_time": p.acquisition_time,
             "first_received": p.first_received,
@@ -228,7 +234,6 @@ def encode(message: Message) -> list[Any]:
         arrays.append(("data", p.data))
     elif isinstance(p, VolumeIncomplete):
         body = {
-            "series": _series_out(p.series),
             "index": p.index,
             "slices_received": p.slices_received,
             "slices_expected": p.slices_expected,
@@ -236,20 +241,18 @@ def encode(message: Message) -> list[Any]:
             "reported": p.reported,
         }
     elif isinstance(p, SeriesStart):
-        body = {"series": _series_out(p.series), "started": p.started}
+        body = {"started": p.started}
     elif isinstance(p, SeriesEnd):
         body = {
-            "series": _series_out(p.series),
             "ended": p.ended,
             "n_volumes": p.n_volumes,
             "reason": p.reason,
         }
     elif isinstance(p, Gap):
-        body = {"series": _series_out(p.series), "index": p.index, "reason": p.reason}
+        body = {"index": p.index, "reason": p.reason}
     elif isinstance(p, Result):
         body = {
             "topic": p.topic,
-            "series": _optional_series(p.series),
             "index": p.index,
             "values": dict(p.values),
             "affines": {k: _affine_out(k, v) for k, v in p.affines.items()},
@@ -283,7 +286,10 @@ def encode(message: Message) -> list[Any]:
             f"{message.kind} header is not JSON-able ({exc}); result values must be "
             "JSON types without NaN or infinity (use None for n/a)"
         ) from exc
-    return [message.topic.encode(), text.encode(), *buffers]
+    # The series goes first, spliced in from the cache (same JSON as dumping it).
+    series = message.series
+    series_text = "null" if series is None else _series_json(series)
+    return [message.topic.encode(), f'{{"series":{series_text},{text[1:]}'.encode(), *buffers]
 
 
 # --------------------------------------------------------------------------- decode
@@ -354,7 +360,7 @@ def decode(frames: Sequence[Frame]) -> Message:
             payload = Volume(
                 data=data,
                 vox2ras=_affine_in("vox2ras", _field(body, "vox2ras", kind)),
-                series=_series_in(_field(body, "series", kind)),
+                series=_series_in(_field(header, "series", kind)),
                 index=int(_field(body, "index", kind)),
                 acquisition_time=body.get("acquisition_time"),
                 first_received=float(_field(body, "first_received", kind)),
@@ -364,7 +370,7 @@ def decode(frames: Sequence[Frame]) -> Message:
             )
         elif kind == "volume-missing":
             payload = VolumeIncomplete(
-                series=_series_in(_field(body, "series", kind)),
+                series=_series_in(_field(header, "series", kind)),
                 index=int(_field(body, "index", kind)),
                 slices_received=int(_field(body, "slices_received", kind)),
                 slices_expected=body.get("slices_expected"),
@@ -373,12 +379,12 @@ def decode(frames: Sequence[Frame]) -> Message:
             )
         elif kind == "series-start":
             payload = SeriesStart(
-                series=_series_in(_field(body, "series", kind)),
+                series=_series_in(_field(header, "series", kind)),
                 started=float(_field(body, "started", kind)),
             )
         elif kind == "series-end":
             payload = SeriesEnd(
-                series=_series_in(_field(body, "series", kind)),
+                series=_series_in(_field(header, "series", kind)),
                 ended=float(_field(body, "ended", kind)),
                 n_volumes=body.get("n_volumes"),
                 reason=str(body.get("reason", "")),
@@ -388,12 +394,12 @@ def decode(frames: Sequence[Frame]) -> Message:
             if reason not in ("incomplete", "timeout", "series-end"):
                 raise MessageError(f"gap: unknown reason {reason!r}")
             payload = Gap(
-                series=_series_in(_field(body, "series", kind)),
+                series=_series_in(_field(header, "series", kind)),
                 index=int(_field(body, "index", kind)),
                 reason=reason,
             )
         elif kind == "result":
-            series_raw = body.get("series")
+            series_raw = header.get("series")
             values = body.get("values", {})
             affines = body.get("affines", {})
             if not isinstance(values, dict) or not isinstance(affines, dict):

@@ -12,10 +12,25 @@ import zmq
 from boldstream.receiver.volume import SeriesInfo, Volume
 
 
+class _TrackingContext(zmq.Context[zmq.Socket[bytes]]):
+    """Keeps every socket it made so that teardown closes them (no ResourceWarning
+    from a socket garbage-collected while a stage thread still runs)."""
+
+    made: list[zmq.Socket[bytes]]
+
+    def socket(self, socket_type: int, **kwargs: object) -> zmq.Socket[bytes]:  # type: ignore[override]
+        s: zmq.Socket[bytes] = super().socket(socket_type, **kwargs)  # type: ignore[arg-type]
+        self.made.append(s)
+        return s
+
+
 @pytest.fixture
 def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    context = _TrackingContext()
+    context.made = []
     yield context
+    for s in context.made:
+        s.close(linger=0)
     context.destroy(linger=0)
 
 

@@ -205,7 +205,7 @@ def test_newer_minor_version_with_unknown_fields_is_read(new_volume: NewVolume) 
     header = json.loads(frames[1])
     header["v"] = "1.7"
     header["future"] = {"x": 1}
-    header["body"]["series"]["new_field"] = "ignored"
+    header["series"]["new_field"] = "ignored"
     frames[1] = json.dumps(header).encode()
     assert isinstance(decode(frames).payload, Volume)
 

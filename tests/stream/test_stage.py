@@ -164,12 +164,15 @@ def test_end_of_stream_drains_the_chain(
     assert chain.join(timeout=10)
 
 
-def test_stop_is_bounded_while_downstream_is_full(
-    ctx: Ctx, sink: zmq.Socket[bytes], new_volume: NewVolume
-) -> None:
+def test_stop_is_bounded_while_downstream_is_full(ctx: Ctx, new_volume: NewVolume) -> None:
     """A stage stuck on a full, unread output still answers health and stop."""
+    # inproc enforces the high-water marks exactly (no kernel buffers behind them).
+    sink = ctx.socket(zmq.PULL)
+    sink.linger = 0
+    sink.rcvhwm = 1
+    sink.bind("inproc://never-read")
     stage = StageThread(
-        StageConfig(name="stuck", push=endpoint(sink), hwm=1, linger_ms=0), context=ctx
+        StageConfig(name="stuck", push="inproc://never-read", hwm=1, linger_ms=0), context=ctx
     )
     stage.start()
     source = ctx.socket(zmq.PUSH)
