@@ -40,6 +40,9 @@ Event = Volume | VolumeIncomplete
 #: slice (a resent instance): positions are keyed in units of 0.01 mm.
 _POSITION_QUANTUM_MM = 0.01
 _ORIENTATION_TOLERANCE = 1e-3
+#: Slice positions further than this from the scanner origin (or not finite)
+#: are corrupt headers; they would also overflow the position keys.
+_MAX_POSITION_MM = 1e6
 
 _log = get_logger("receiver.assembly")
 
@@ -181,7 +184,13 @@ class Assembler:
         for fragment in fragments:
             series = self._series.get(fragment.series.series_uid)
             problem = None
-            if series is not None:
+            positions = fragment.positions
+            if not np.all(np.isfinite(positions)) or np.max(np.abs(positions)) > _MAX_POSITION_MM:
+                problem = (
+                    f"ImagePositionPatient is not finite or beyond {_MAX_POSITION_MM:g} mm: "
+                    "corrupt header"
+                )
+            elif series is not None:
                 if fragment.matrix != series.matrix:
                     problem = (
                         f"image matrix changed from {series.matrix[0]}x{series.matrix[1]} to "

@@ -111,12 +111,72 @@ def decode_instance(ds: pydicom.Dataset, *, assembly: AssemblySettings) -> list[
     Raises :class:`DicomInputError` with a message a technician can act on
     when the instance cannot become part of a volume.
     """
+    _check_readable(ds)
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class == ENHANCED_MR_STORAGE:
         return _decode_enhanced(ds)
     if _is_mosaic(ds):
         return [_decode_mosaic(ds)]
     return [_decode_slice(ds, assembly)]
+
+
+#: The elements decoding reads (functional group sequences with all they hold).
+_READ_KEYWORDS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "Modality",
+    "Manufacturer",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RepetitionTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "AcquisitionDateTime",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "ImagesInAcquisition",
+    "NumberOfTemporalPositions",
+    "TemporalPositionIdentifier",
+    "NumberOfFrames",
+    "PixelData",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+]
+
+
+def _check_readable(ds: pydicom.Dataset) -> None:
+    """Convert the elements decoding reads, once, up front.
+
+    pydicom converts a received element on first access and, for a malformed
+    value (a US of odd length, a sequence of garbage, Pixel Data whose VR
+    depends on an absent BitsAllocated), raises one of many exception types
+    then. Doing it here, where nothing but that conversion runs, turns each
+    into one DicomInputError naming the element.
+    """
+    for keyword in _READ_KEYWORDS:
+        try:
+            value = ds.get(keyword)
+            if isinstance(value, pydicom.Sequence):
+                for item in value:
+                    for _ in item.iterall():
+                        pass
+        except Exception as exc:
+            raise DicomInputError(f"{keyword} cannot be read: {exc}") from None
 
 
 def session_key(series_uid: str) -> str:
@@ -224,21 +284,23 @@ def _pixel_array(ds: pydicom.Dataset, frames: int = 1) -> npt.NDArray[Any]:
     """The stored pixel values, with the checks that give readable errors."""
     if "PixelData" not in ds:
         raise DicomInputError("instance has no pixel data (PixelData is missing)")
-    samples = int(ds.get("SamplesPerPixel", 1))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    samples = _as_int(ds.get("SamplesPerPixel")) or 1
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
     if samples != 1 or photometric not in _PHOTOMETRIC_OK:
         raise DicomInputError(
             f"unsupported image type: {samples} sample(s) per pixel, {photometric}; "
             "a magnitude image (1 sample, MONOCHROME2) is needed"
         )
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    rows, cols = _as_int(ds.get("Rows")) or 0, _as_int(ds.get("Columns")) or 0
     if rows <= 0 or cols <= 0:
         raise DicomInputError(f"image matrix is empty (Rows={rows}, Columns={cols})")
-    bits = int(ds.get("BitsAllocated", 16))
+    bits = _as_int(ds.get("BitsAllocated")) or 16
     transfer = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if transfer is not None and not transfer.is_transfer_syntax:
+        raise DicomInputError(f"unknown transfer syntax {str(transfer)!r}")
     if transfer is None or not transfer.is_compressed:
         needed = rows * cols * frames * bits // 8
-        have = len(ds.PixelData)
+        have = len(ds.PixelData or b"")
         if have < needed:
             raise DicomInputError(
                 f"pixel data is {have} bytes but {rows}x{cols}x{frames} pixels of {bits} bits "

@@ -272,7 +272,7 @@ def _pixel_data_problem(ds: Dataset) -> str | None:
         return None
     meta = getattr(ds, "file_meta", None)
     transfer = meta.get("TransferSyntaxUID") if meta is not None else None
-    if transfer is None or transfer.is_compressed:
+    if transfer is None or not transfer.is_transfer_syntax or transfer.is_compressed:
         return None
     try:
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
@@ -288,7 +288,7 @@ def _pixel_data_problem(ds: Dataset) -> str | None:
     needed = (rows * cols * frames * samples * bits + 7) // 8
     if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
         needed = needed // 3 * 2  # chroma subsampled in the native encoding
-    have = len(ds.PixelData)
+    have = len(ds.PixelData or b"")
     if needed <= have <= needed + (needed & 1):
         return None
     shape = f"{rows}x{cols}x{frames} pixels of {samples}x{bits} bits"
