@@ -50,7 +50,9 @@ from pynetdicom.dsutils import encode
 from structlog.testing import capture_logs
 
 from boldstream.config import load_settings
+from boldstream.receiver.scp import StorageSCP
 from boldstream.receiver.service import Receiver
+from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume, VolumeIncomplete
 
 pytestmark = pytest.mark.timeout(60)
@@ -406,6 +408,43 @@ def test_association_aborted_mid_transfer_keeps_what_was_acknowledged(
     assert not live.spooled(half).exists()
     assert list((live.receiver.spool.root / ".incoming").iterdir()) == []
     assert len(live.logged("association aborted")) == 1
+
+
+def test_instances_acknowledged_before_a_crash_are_assembled_after_restart(
+    tmp_path: Path, builders: ModuleType
+) -> None:
+    volumes, arrays = series(builders, 2)
+    # First life: the SCP answers success, then the process dies before the
+    # ingest thread saw anything (deliver drops every instance on the floor).
+    settings = load_settings(
+        overrides=[{"receiver": {"port": 0, "spool_dir": str(tmp_path / "spool")}}], environ={}
+    )
+    scp = StorageSCP(settings.receiver, Spool(settings.receiver.spool_dir), lambda _: None)
+    scp.start()
+    try:
+        paths = []
+        for k, ds in enumerate(flat(volumes)):
+            paths.append(tmp_path / f"first{k}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        out = subprocess.run(
+            [require_tool("storescu"), "-aec", "BOLDSTREAM", "127.0.0.1", str(scp.port), *paths],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+    finally:
+        scp.stop()
+    # Second life on the same spool: recovery delivers both volumes.
+    with capture_logs() as logs:
+        live = Live(tmp_path, logs)
+        try:
+            live.wait_for(lambda events: len(events) == 2)
+            for t in (0, 1):
+                assert_volume(live.volumes()[t], arrays[t])
+            assert live.logged("recovering spooled instances")[0]["instances"] == 8
+        finally:
+            live.stop()
 
 
 # -- the scanner changes its mind -------------------------------------------------

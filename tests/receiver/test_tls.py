@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,6 +192,15 @@ def test_client_without_a_trusted_certificate_is_dropped(tmp_path: Path, pki: Pk
         dropped = [e for e in logs if e["event"] == "connection dropped: TLS handshake failed"]
         assert len(dropped) == 2
         assert all(e["peer"].startswith("127.0.0.1:") for e in dropped)
+        assert dcmtk("echoscu", scp.port, *with_client_cert(pki)).returncode == 0
+
+
+def test_a_stalled_handshake_does_not_block_others(tmp_path: Path, pki: Pki) -> None:
+    with (
+        running(tmp_path, pki, client_certs=True) as (scp, _),
+        socket.create_connection(("127.0.0.1", scp.port), timeout=5),
+    ):
+        # Connected, silent: its handshake waits on its own thread.
         assert dcmtk("echoscu", scp.port, *with_client_cert(pki)).returncode == 0
 
 
