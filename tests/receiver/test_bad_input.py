@@ -30,6 +30,7 @@ import random
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from io import BytesIO
@@ -113,6 +114,14 @@ class Live:
 
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [entry for entry in self.logs if entry["event"].startswith(event)]
+
+    def wait_logged(self, event: str) -> dict[str, Any]:
+        """The first line starting with ``event``, waiting for it a bounded time."""
+        deadline = time.monotonic() + WAIT_S
+        while not self.logged(event):
+            assert time.monotonic() < deadline, f"never logged: {event}"
+            time.sleep(0.01)
+        return self.logged(event)[0]
 
     def spooled(self, ds: Dataset) -> Path:
         return self.receiver.spool.path_for(
@@ -213,6 +222,34 @@ def test_garbage_bytes_are_dropped_and_the_service_still_answers(
     live.echo()
     live.wait_for(lambda events: len(events) == 1)
     assert_volume(live.volumes()[0], arrays[0])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "PDU type 0x16"),  # a TLS hello
+        (b"\x01\x00\x00", "connection closed after 3 bytes"),
+        (b"\x01\x00\x00\x00\x00\x10\x00\x01", "16 bytes is shorter than its fixed part"),
+        (b"\x01\x00\x00\x00\x01\x00\x00\x00", "without protocol version 1"),
+    ],
+)
+def test_other_first_bytes_are_dropped_with_the_reason(
+    live: Live, payload: bytes, reason: str
+) -> None:
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b""
+    (line,) = live.logged("connection dropped: not a DICOM association request")
+    assert reason in line["reason"]
+    live.echo()
+
+
+def test_connect_and_close_is_one_quiet_line(live: Live) -> None:
+    socket.create_connection(("127.0.0.1", live.port), timeout=5).close()
+    line = live.wait_logged("connection closed by the peer before an association request")
+    assert line["log_level"] == "info"
+    live.echo()
 
 
 def test_garbage_after_an_association_request_header_gets_an_abort(live: Live) -> None:
