@@ -237,9 +237,10 @@
     $("received").textContent = r ? String(r.received) : "0";
     $("received-sub").textContent = r && r.shape ? "received · " + r.shape.join("×") : "received";
     const missing = r ? r.n_missing : 0;
-    $("missing").textContent = (r ? r.n_missing : 0) + " / " + (r ? r.n_late : 0);
+    $("missing").textContent = String(missing);
+    const late = r && r.n_late ? r.n_late + " late · " : "";
     $("missing-sub").textContent = r && r.missing.length
-      ? "last: #" + r.missing.slice(-3).map((mv) => mv.index).join(", #") : "none missing";
+      ? late + "#" + r.missing.slice(-3).map((mv) => mv.index).join(", #") : "none missing";
     setTile("tile-missing", missing > 0 ? "caution" : r ? "ok" : null);
 
     const lat = q ? lastFinite(q.latency_ms) : null;
