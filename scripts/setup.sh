@@ -3,7 +3,7 @@
 #   scripts/setup.sh          the package and its runtime dependencies
 #   scripts/setup.sh --test   also what the tests need: test tools from PyPI,
 #                             heudiconv's sample DICOM files, and Debian's DCMTK
-#                             (storescu/echoscu/storescp) and dcm2niix.
+#                             (storescu/echoscu/storescp), dcm2niix and chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -18,6 +18,8 @@ if [ "$want_test" = 1 ]; then
     [ -x "/usr/bin/$tool" ] || need+=(dcmtk)
   done
   command -v dcm2niix >/dev/null || need+=(dcm2niix)
+  # The dashboard's browser tests drive Debian's chromium through Playwright.
+  [ -x /usr/bin/chromium ] || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
