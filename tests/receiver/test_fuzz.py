@@ -37,8 +37,10 @@ from boldstream.receiver.selector import SeriesSelector
 
 pytestmark = [
     pytest.mark.timeout(120),
-    # pydicom warns about every invalid value it is fed; that is the point here.
+    # pydicom warns about every invalid value it is fed (that is the point)...
     pytest.mark.filterwarnings("ignore::UserWarning"),
+    # ...and numpy about overflow on 1e308-sized orientations, before they are refused.
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
 FUZZ = settings(
