@@ -10,7 +10,14 @@ Status codes returned (PS3.4 Annex B.2.3):
 - 0x0000 success (also for a duplicate: it is stored already);
 - 0xA700 refused, out of resources (spool full or unwritable: the scanner
   keeps the instance and may retry);
-- 0xC210 cannot understand (undecodable dataset, bad or missing UIDs).
+- 0xC210 cannot understand (undecodable dataset, bad or missing UIDs,
+  native Pixel Data whose length disagrees with Rows x Columns x frames).
+
+Who may connect: ``receiver.allowed_addresses`` is checked when a connection
+is accepted, ``receiver.allowed_calling_aets`` at association; a connection
+whose first bytes are not an association request is dropped before
+pynetdicom sees it; with ``tls_cert``/``tls_key`` the port speaks TLS only
+(client certificates required when ``tls_ca`` is set).
 
 TCP: the accepted socket gets TCP_NODELAY, and TCP_QUICKACK is re-armed after
 every read (Linux clears it after each ACK, which is why setting it once on
