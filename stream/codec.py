@@ -239,6 +239,7 @@ def encode(message: Message) -> list[Any]:
             "slices_expected": p.slices_expected,
             "first_received": p.first_received,
             "reported": p.reported,
+            "reason": p.reason,
         }
     elif isinstance(p, SeriesStart):
         body = {"started": p.started}
@@ -376,6 +377,7 @@ def decode(frames: Sequence[Frame]) -> Message:
                 slices_expected=body.get("slices_expected"),
                 first_received=float(_field(body, "first_received", kind)),
                 reported=float(_field(body, "reported", kind)),
+                reason=str(body.get("reason", "")),
             )
         elif kind == "series-start":
             payload = SeriesStart(

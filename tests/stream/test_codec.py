@@ -158,6 +158,7 @@ def test_result_without_series_and_numpy_scalars_in_values() -> None:
             slices_expected=60,
             first_received=10.0,
             reported=20.0,
+            reason="timeout: slices missing",
         ),
         SeriesStart(
             series=SeriesInfo("1.2", "1", "rest", "k", slice_timing=(0.0, 0.5)), started=1.0
