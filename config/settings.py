@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "AssemblySettings",
     "LoggingSettings",
+    "MotionSettings",
+    "PipelineSettings",
+    "QCSettings",
     "ReceiverSettings",
     "SelectorSettings",
     "Settings",
@@ -139,6 +142,92 @@ class AssemblySettings(_Section):
     series_idle_timeout_s: float = Field(default=300.0, gt=0)
 
 
+class MotionSettings(_Section):
+    """Incremental rigid motion correction (SPEC section 2)."""
+
+    #: Volumes at the start of a series left out of the analysis (steady
+    #: state not reached); the reference is the first volume after them.
+    dummy_scans: int = Field(default=0, ge=0)
+    #: Pyramid levels of the Gauss-Newton registration (1: full resolution only).
+    levels: int = Field(default=2, ge=1, le=4)
+    #: Gauss-Newton iterations allowed per pyramid level.
+    max_iter: int = Field(default=15, ge=1, le=200)
+    #: Convergence: an update that moves points by less than this (mm RMS).
+    tol_mm: float = Field(default=0.002, gt=0)
+    #: Interpolation of the corrected volume: 1 trilinear (fast), 3 cubic B-spline.
+    reslice_order: Literal[1, 3] = 1
+
+
+class QCSettings(_Section):
+    """Live quality metrics (SPEC section 3)."""
+
+    #: Framewise-displacement thresholds (mm) that usable data is counted at.
+    fd_thresholds_mm: tuple[float, ...] = (0.2, 0.3, 0.5)
+    #: Good minutes wanted; the predicted scan time still needed aims at it.
+    goal_minutes: float = Field(default=12.5, gt=0)
+    #: A frame is an outlier above this FD (mm) ...
+    fd_outlier_mm: float = Field(default=0.5, gt=0)
+    #: ... or above this std_DVARS.
+    std_dvars_outlier: float = Field(default=1.5, gt=0)
+    #: Frames before std_DVARS is first estimated, and the window it uses.
+    std_dvars_warmup: int = Field(default=20, ge=3)
+    std_dvars_window: int = Field(default=120, ge=3)
+    #: Repetition time (s) used when a series does not state one.
+    default_tr_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("fd_thresholds_mm")
+    @classmethod
+    def _thresholds(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not t > 0 for t in v):
+            raise ValueError("give at least one threshold, each above 0 mm")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _window(self) -> QCSettings:
+        if self.std_dvars_window < self.std_dvars_warmup:
+            raise ValueError("std_dvars_window must be at least std_dvars_warmup")
+        return self
+
+
+class PipelineSettings(_Section):
+    """The real-time pipeline: stages, result stream and supervision."""
+
+    #: "process": each analysis stage in its own process over ipc:// (restarted
+    #: if it dies); "thread": threads over inproc:// (tests, small machines).
+    mode: Literal["process", "thread"] = "process"
+    #: Where subscribers (the dashboard) connect for results: a ZeroMQ XPUB
+    #: bind address; "tcp://127.0.0.1:*" picks a free port.
+    pub: str = "tcp://127.0.0.1:11120"
+    #: Snapshot endpoint (REP-style ROUTER) for late joiners; "" disables it.
+    snapshot: str = "tcp://127.0.0.1:11121"
+    #: Folder for the stage processes' ipc:// sockets; unset: a fresh folder
+    #: under the system temporary directory (ipc paths must stay short).
+    ipc_dir: Path | None = None
+    #: Per-series checkpoints of the stages' state, under the spool folder
+    #: unless set; written every ``checkpoint_every`` volumes (process mode).
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = Field(default=10, ge=1)
+    #: A volume that has not arrived this long after a later one is declared
+    #: missing (a gap); more than ``max_pending`` held volumes force it too.
+    order_timeout_s: float = Field(default=5.0, gt=0)
+    order_max_pending: int = Field(default=64, ge=1)
+    #: A series with no new volume for this long is ended (flushes its gaps).
+    series_idle_s: float = Field(default=120.0, gt=0)
+    #: Restarts allowed per stage process before the pipeline gives up on it.
+    max_restarts: int = Field(default=5, ge=0)
+    #: BLAS threads per stage process (OPENBLAS/OMP/MKL_NUM_THREADS when not set).
+    blas_threads: int = Field(default=1, ge=1)
+    #: Messages queued per hop before the sender waits (back-pressure).
+    hwm: int = Field(default=32, ge=1)
+
+    @field_validator("pub", "snapshot")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if v and not re.match(r"^(tcp|ipc|inproc)://\S+$", v):
+            raise ValueError("a ZeroMQ address like tcp://127.0.0.1:11120 or ipc:///run/bs.sock")
+        return v
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: None: JSON when stderr is not a terminal.
@@ -152,6 +241,9 @@ class Settings(_Section):
     selector: SelectorSettings = SelectorSettings()
     assembly: AssemblySettings = AssemblySettings()
     logging: LoggingSettings = LoggingSettings()
+    motion: MotionSettings = MotionSettings()
+    qc: QCSettings = QCSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -1,20 +1,46 @@
-"""``boldstream serve``: run the DICOM listener and the pipeline until stopped."""
+"""``boldstream serve``: run the DICOM listener and the pipeline until stopped.
+
+Wiring: the receiver's ingest thread hands every assembled volume (and every
+volume given up on) to :meth:`Pipeline.submit`; the pipeline orders them per
+series, corrects motion, computes QC and publishes the results on its XPUB
+endpoint (``pipeline.pub``), with a snapshot endpoint for late joiners
+(``pipeline.snapshot``). The analysis stages run as supervised processes
+(``pipeline.mode = "process"``, the default: on 2 cores motion, QC and the
+receiver's own Python work then do not share one interpreter lock) or as
+threads (``--set pipeline.mode=thread``).
+
+Start order: the receiver first (a port already in use fails at once), then
+the pipeline; the ready line is printed once both run. Stop order: the
+receiver stops listening and drains what it accepted into the pipeline, then
+the pipeline publishes what it holds (bounded wait) and stops its stages.
+"""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from boldstream.config import Settings, load_settings
+from boldstream.errors import BoldstreamError, ConfigError
 from boldstream.logs import configure_logging, get_logger
+from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.ingest import Emitted
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.volume import Volume
 
-__all__ = ["add_settings_arguments", "register", "run", "settings_from_args"]
+__all__ = [
+    "add_settings_arguments",
+    "main",
+    "register",
+    "run",
+    "run_alone",
+    "settings_from_args",
+]
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +86,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _log_volume(log: Any) -> Any:
+def _emit_to(pipeline: Pipeline, log: Any) -> Any:
+    """The receiver's ``emit``: log each volume, hand it to the pipeline."""
+
     def emit(event: Emitted) -> None:
         if isinstance(event, Volume):
             log.info(
@@ -70,6 +98,7 @@ def _log_volume(log: Any) -> Any:
                 shape=list(event.shape),
                 assembly_ms=round((event.assembled - event.last_received) * 1000, 2),
             )
+        pipeline.submit(event)
 
     return emit
 
@@ -87,12 +116,47 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    receiver = Receiver(settings, _log_volume(log))
+    pipeline = Pipeline(settings)
+    receiver = Receiver(settings, _emit_to(pipeline, log))
     receiver.start()
+    try:
+        pipeline.start()
+    except BaseException:
+        receiver.stop()
+        raise
     # One machine-readable line that scripts and tests can wait for.
     print(f"boldstream listening on {settings.receiver.bind}:{receiver.port}", flush=True)
     try:
         stop.wait()
     finally:
         receiver.stop()
+        pipeline.stop()
     return 0
+
+
+def run_alone(name: str, register_command: Any, argv: Sequence[str] | None = None) -> int:
+    """Run one command without the others' parsers, with the CLI's error handling."""
+    parser = argparse.ArgumentParser(prog="boldstream")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register_command(sub)
+    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"boldstream {name}: {exc}", file=sys.stderr)
+        return 2
+    except BoldstreamError as exc:
+        print(f"boldstream {name}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m boldstream.commands.serve``: this command alone, errors as in the CLI."""
+    return run_alone("serve", register, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

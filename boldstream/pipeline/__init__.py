@@ -1,0 +1,28 @@
+"""The real-time pipeline: receiver -> reorder -> motion -> QC -> result stream.
+
+- :mod:`~boldstream.pipeline.stages`: the motion and QC stages;
+- :mod:`~boldstream.pipeline.checkpoint`: their per-series checkpoints;
+- :mod:`~boldstream.pipeline.service`: :class:`Pipeline`, which runs the
+  stages as threads or supervised processes, publishes results and answers
+  snapshot requests.
+"""
+
+from __future__ import annotations
+
+from boldstream.pipeline.stages import (
+    CHECKPOINT,
+    CORRECTED,
+    INTERNAL_PREFIX,
+    SKIPPED,
+    MotionStage,
+    QCStage,
+)
+
+__all__ = [
+    "CHECKPOINT",
+    "CORRECTED",
+    "INTERNAL_PREFIX",
+    "SKIPPED",
+    "MotionStage",
+    "QCStage",
+]

@@ -1,0 +1,759 @@
+"""The pipeline service: receiver events in, results out on one XPUB endpoint.
+
+::
+
+    receiver ingest thread --submit()--> [hub thread] --PUSH--> motion --PUSH--> qc
+                                            ^  |                                 |
+                                            |  +--XPUB (pub_endpoint) <----PULL--+
+                                            +--ROUTER (snapshot_endpoint)
+
+The hub is one thread of the calling process that owns every socket of the
+pipeline's own: it takes submitted events (``submit`` only encodes the event
+and hands it over an ``inproc://`` socket, so the receiver never waits), runs
+the reorder buffer (:class:`~boldstream.stream.ordering.OrderingStage`, called
+in place: its state and the journal must survive a stage restart), publishes
+``series-start``, ``volume-received`` and ``volume-missing`` at once, sends
+the ordered volumes into the chain, and publishes what comes out of its end:
+``motion``, ``qc`` (with ``latency_ms``, last DICOM byte to publication),
+``gap``, ``warning`` and ``series-end``. Results carry (series, index); the
+hub publishes each (series, topic, index) once and drops repeats.
+
+The analysis stages run as threads over ``inproc://`` (``mode="thread"``) or
+as processes over ``ipc://`` (``mode="process"``, the default of ``serve``).
+In process mode a supervisor thread watches the stage processes; one that
+dies is started again on the same addresses, rebuilds its series from their
+checkpoints (:mod:`boldstream.pipeline.checkpoint`), and the hub re-sends its
+journal (:mod:`boldstream.pipeline.journal`): every volume not yet published
+or not yet covered by a checkpoint. Every accepted volume then appears once
+in the published results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import zmq
+
+from boldstream.config.settings import Settings
+from boldstream.errors import StreamError
+from boldstream.logs import get_logger
+from boldstream.pipeline.journal import Journal
+from boldstream.pipeline.snapshot import SeriesView, Snapshot
+from boldstream.pipeline.stages import (
+    CHECKPOINT,
+    INTERNAL_PREFIX,
+    SKIPPED,
+    stage_options,
+)
+from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
+from boldstream.sinks import topics
+from boldstream.stream.codec import MessageError, decode, encode
+from boldstream.stream.messages import (
+    Gap,
+    Message,
+    Result,
+    SeriesEnd,
+    SeriesStart,
+    series_key,
+)
+from boldstream.stream.ordering import OrderingStage
+from boldstream.stream.pubsub import Publisher
+from boldstream.stream.runner import StageProcess, StageThread, start_chain
+from boldstream.stream.stage import StageConfig
+
+__all__ = ["Pipeline"]
+
+Mode = Literal["thread", "process"]
+Runner = StageThread | StageProcess
+Key = tuple[str, str]
+Submitted = Volume | VolumeIncomplete | SeriesEnd
+
+_STAGES = ("motion", "qc")
+_FACTORIES = {
+    "motion": "boldstream.pipeline.stages:MotionStage",
+    "qc": "boldstream.pipeline.stages:QCStage",
+}
+
+
+@dataclass(eq=False)
+class _Series:
+    """The hub's bookkeeping for one series."""
+
+    info: SeriesInfo
+    view: SeriesView
+    last_submit: float
+    received: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    published: dict[str, set[int]] = field(default_factory=dict)
+    warned: set[tuple[str, int]] = field(default_factory=set)
+    ended: bool = False
+    end_sent: bool = False
+
+
+class Pipeline:
+    """Motion and QC for every series the receiver hands over; see the module docstring.
+
+    ``start()``, then ``submit(event)`` for every receiver event (from one
+    thread at a time), subscribers on :attr:`pub_endpoint`, ``stop()``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        mode: Mode | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.mode: Mode = mode or settings.pipeline.mode
+        self._own_context = context is None
+        self.context: zmq.Context[Any] = context or zmq.Context()
+        self.log = get_logger("pipeline")
+        self._tag = uuid.uuid4().hex[:10]
+        self._submit_address = f"inproc://pipeline-{self._tag}-submit"
+        self._local = threading.local()
+        self._submit_sockets: list[zmq.Socket[Any]] = []
+        self._submit_lock = threading.Lock()
+        self._submitted = 0
+        self._runners: list[Runner] = []
+        self._runner_lock = threading.Lock()
+        self._restarts = dict.fromkeys(_STAGES, 0)
+        self._dead: set[str] = set()
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._hub: _Hub | None = None
+        self._hub_thread: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ipc_dir: Path | None = None
+        self._own_ipc_dir = False
+        self._run_dir: Path | None = None
+        self.pub_endpoint = ""
+        self.snapshot_endpoint = ""
+        self.started = False
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self, *, timeout: float = 60.0) -> None:
+        """Start the stages (last first), bind the result and snapshot endpoints."""
+        if self.started:
+            raise StreamError("the pipeline is already started")
+        p = self.settings.pipeline
+        process = self.mode == "process"
+        checkpoint_dir: str | None = None
+        if process:
+            threads = str(p.blas_threads)
+            for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(var, threads)
+            if p.ipc_dir is not None:
+                self._ipc_dir = Path(p.ipc_dir)
+                self._ipc_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                self._ipc_dir = Path(tempfile.mkdtemp(prefix="bs-"))
+                self._own_ipc_dir = True
+            root = p.checkpoint_dir or (self.settings.receiver.spool_dir / "pipeline-state")
+            self._run_dir = Path(root) / f"run-{os.getpid()}-{self._tag}"
+            _remove_stale_runs(Path(root))
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint_dir = str(self._run_dir)
+            results = f"ipc://{self._ipc_dir}/results"
+        else:
+            results = f"inproc://pipeline-{self._tag}-results"
+        options = stage_options(self.settings, checkpoint_dir=checkpoint_dir)
+        configs = []
+        for name in _STAGES:
+            pull = f"ipc://{self._ipc_dir}/{name}-in" if process else None
+            control = f"ipc://{self._ipc_dir}/{name}-control" if process else None
+            configs.append(
+                StageConfig(
+                    name=name,
+                    factory=_FACTORIES[name],
+                    options=options[name],
+                    hwm=p.hwm,
+                    pull=pull,
+                    control=control,
+                )
+            )
+        hub = _Hub(self, results_address=results, stateful=_STAGES if process else ())
+        try:
+            chain = start_chain(
+                configs, output=results, mode=self.mode, context=self.context, timeout=timeout
+            )
+        except BaseException:
+            hub.close()
+            self._cleanup_dirs()
+            raise
+        self._runners = list(chain.stages)
+        hub.connect_chain(chain.input)
+        self._hub = hub
+        self.pub_endpoint = hub.pub_endpoint
+        self.snapshot_endpoint = hub.snapshot_endpoint
+        self._hub_thread = threading.Thread(target=hub.run, name="pipeline-hub", daemon=True)
+        self._hub_thread.start()
+        if process:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="pipeline-supervisor", daemon=True
+            )
+            self._supervisor.start()
+        self.started = True
+        self.log.info(
+            "pipeline started",
+            mode=self.mode,
+            pub=self.pub_endpoint,
+            snapshot=self.snapshot_endpoint or None,
+            stages=[r.config.name for r in self._runners],
+        )
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Flush what is held, wait up to ``timeout`` for its results, stop everything."""
+        if not self.started:
+            return
+        self.started = False
+        self._commands.put(("flush", None))
+        drained = self.drain(timeout)
+        if not drained:
+            self.log.warning("pipeline stopped before every volume was published")
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+        self._commands.put(("exit", None))
+        if self._hub_thread is not None:
+            self._hub_thread.join(timeout)
+        with self._runner_lock:
+            for runner in self._runners:
+                try:
+                    runner.stop(timeout=5.0)
+                except StreamError as exc:
+                    self.log.warning("stage did not stop cleanly", error=str(exc))
+        if self._hub is not None:
+            self._hub.close()
+        with self._submit_lock:
+            for s in self._submit_sockets:
+                s.close(linger=0)
+            self._submit_sockets.clear()
+        if self._own_context:
+            self.context.term()
+        self._cleanup_dirs()
+        self.log.info("pipeline stopped", drained=drained)
+
+    def __enter__(self) -> Pipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _cleanup_dirs(self) -> None:
+        if self._own_ipc_dir and self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the receiver side
+
+    def submit(self, event: Submitted) -> None:
+        """Hand one receiver event over; returns at once (never waits on analysis).
+
+        Meant for the receiver's ingest thread; any one thread at a time may call
+        it. ``SeriesEnd`` ends a series (its trailing gaps are flushed).
+        """
+        socket: zmq.Socket[Any] | None = getattr(self._local, "socket", None)
+        if socket is None:
+            socket = self.context.socket(zmq.PUSH)
+            socket.linger = 0
+            socket.sndhwm = 0  # unbounded: the receiver must never block here
+            socket.connect(self._submit_address)
+            self._local.socket = socket
+            with self._submit_lock:
+                self._submit_sockets.append(socket)
+        message = Message(event)
+        message.stamp("submitted", time.time())
+        self._submitted += 1
+        socket.send_multipart(encode(message), copy=False)
+
+    def end_series(self, series: SeriesInfo, *, n_volumes: int | None = None) -> None:
+        """No more volumes of ``series`` will come (replays, demos, tests)."""
+        self.submit(SeriesEnd(series, ended=time.time(), n_volumes=n_volumes, reason="complete"))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything submitted so far has been published; True if it was."""
+        hub = self._hub
+        if hub is None:
+            return True
+        deadline = time.monotonic() + timeout
+        with hub.idle:
+            while not hub.is_idle(self._submitted):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                hub.idle.wait(min(remaining, 0.2))
+        return True
+
+    # ------------------------------------------------------------------ health
+
+    def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Per stage: heartbeat, state, last volume, lag; and the hub's counters."""
+        stages: list[dict[str, Any]] = []
+        with self._runner_lock:
+            for runner in self._runners:
+                name = runner.config.name
+                entry: dict[str, Any] = {"name": name, "restarts": self._restarts.get(name, 0)}
+                try:
+                    reply = runner.health(timeout=timeout)
+                except StreamError as exc:
+                    entry.update(alive=runner.is_alive(), heartbeat=None, error=str(exc))
+                else:
+                    entry.update(reply)
+                    entry.update(alive=True, heartbeat=time.time())
+                if name in self._dead:
+                    entry["alive"] = False
+                    entry["error"] = "gave up after too many restarts"
+                stages.append(entry)
+        hub = self._hub
+        return {
+            "mode": self.mode,
+            "pub": self.pub_endpoint,
+            "snapshot": self.snapshot_endpoint,
+            "stages": stages,
+            "hub": {} if hub is None else dict(hub.stats),
+        }
+
+    # ------------------------------------------------------------------ supervision
+
+    def _supervise(self) -> None:
+        interval = 0.2
+        while not self._stopping.wait(interval):
+            with self._runner_lock:
+                dead = [
+                    (i, r)
+                    for i, r in enumerate(self._runners)
+                    if not r.is_alive() and r.config.name not in self._dead
+                ]
+            for i, runner in dead:
+                if self._stopping.is_set():
+                    return
+                self._restart(i, runner)
+
+    def _restart(self, position: int, old: Runner) -> None:
+        name = old.config.name
+        code = old.exitcode if isinstance(old, StageProcess) else None
+        if code == -signal.SIGTERM:
+            # Someone stopped it on purpose (a service manager stopping the
+            # whole group): not a crash, and the pipeline is about to stop too.
+            self._dead.add(name)
+            self.log.warning("stage process terminated (SIGTERM); not restarted", stage=name)
+            return
+        if self._restarts[name] >= self.settings.pipeline.max_restarts:
+            self._dead.add(name)
+            self.log.error("stage process died too often; giving up on it", stage=name)
+            self._commands.put(("warn", (f"stage {name} is down", "stage-dead")))
+            return
+        self._restarts[name] += 1
+        self.log.error("stage process died; restarting", stage=name, exit_code=code)
+        with contextlib.suppress(StreamError):
+            old.stop(timeout=1.0)
+        runner: Runner
+        if isinstance(old, StageProcess):
+            runner = StageProcess(replace(old.config), context=self.context)
+        else:
+            runner = StageThread(replace(old.config), context=self.context)
+        try:
+            runner.start(timeout=60.0)
+        except StreamError as exc:
+            self.log.error("stage restart failed", stage=name, error=str(exc))
+            return
+        with self._runner_lock:
+            self._runners[position] = runner
+        self.log.info("stage restarted", stage=name, restarts=self._restarts[name])
+        self._commands.put(("resend", name))
+
+    def stage_pid(self, name: str) -> int | None:
+        """The process id of stage ``name`` (process mode), for tools and tests."""
+        with self._runner_lock:
+            for runner in self._runners:
+                if runner.config.name == name and isinstance(runner, StageProcess):
+                    return runner.pid
+        return None
+
+
+def _remove_stale_runs(root: Path) -> None:
+    """Checkpoint folders of pipelines whose process is gone (their state is useless)."""
+    if not root.is_dir():
+        return
+    for folder in root.glob("run-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+class _Hub:
+    """The thread that owns the pipeline's own sockets; see the module docstring."""
+
+    def __init__(self, owner: Pipeline, *, results_address: str, stateful: tuple[str, ...]):
+        self.owner = owner
+        self.log = owner.log
+        p = owner.settings.pipeline
+        self.order = OrderingStage(
+            "order", timeout_s=p.order_timeout_s, max_pending=p.order_max_pending
+        )
+        self.journal = Journal(stateful=stateful)
+        self.snapshot = Snapshot()
+        self.series: dict[Key, _Series] = {}
+        self.outbox: deque[Message] = deque()
+        self.idle = threading.Condition()
+        self.taken = 0
+        self.stats: dict[str, int] = {
+            "submitted": 0,
+            "published": 0,
+            "duplicates_dropped": 0,
+            "resent": 0,
+            "journal": 0,
+            "undecodable": 0,
+            "subscriptions": 0,
+        }
+        self.idle_s = p.series_idle_s
+        self.running = True
+        self._sockets: list[zmq.Socket[Any]] = []
+        try:
+            self.submit_pull = self._socket(zmq.PULL)
+            self.submit_pull.rcvhwm = 0
+            self.submit_pull.bind(owner._submit_address)
+            self.results = self._socket(zmq.PULL)
+            self.results.rcvhwm = p.hwm
+            self.results.bind(results_address)
+            xpub = self._socket(zmq.XPUB)
+            self.publisher = Publisher(xpub, name="pipeline", sndhwm=1000)
+            xpub.bind(p.pub)
+            self.pub_endpoint = _last_endpoint(xpub)
+            self.router: zmq.Socket[Any] | None = None
+            self.snapshot_endpoint = ""
+            if p.snapshot:
+                self.router = self._socket(zmq.ROUTER)
+                self.router.bind(p.snapshot)
+                self.snapshot_endpoint = _last_endpoint(self.router)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise StreamError(f"pipeline: cannot bind its endpoints: {exc}") from exc
+        self.chain: zmq.Socket[Any] | None = None
+
+    def _socket(self, kind: int) -> zmq.Socket[Any]:
+        s: zmq.Socket[Any] = self.owner.context.socket(kind)
+        s.linger = 0
+        self._sockets.append(s)
+        return s
+
+    def connect_chain(self, address: str) -> None:
+        self.chain = self._socket(zmq.PUSH)
+        self.chain.sndhwm = self.owner.settings.pipeline.hwm
+        self.chain.connect(address)
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close(linger=0)
+        self._sockets.clear()
+
+    def is_idle(self, submitted: int) -> bool:
+        return (
+            self.taken >= submitted
+            and not self.outbox
+            and self.journal.unfinished() == 0
+            and self.order.orderer.stats()["pending"] == 0
+        )
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.submit_pull, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
+        poller.register(self.publisher.socket, zmq.POLLIN)
+        if self.router is not None:
+            poller.register(self.router, zmq.POLLIN)
+        assert self.chain is not None
+        next_idle_check = time.monotonic() + 1.0
+        try:
+            while self.running:
+                poller.register(self.chain, zmq.POLLOUT if self.outbox else 0)
+                timeout = 50
+                deadline = self.order.next_deadline()
+                if deadline is not None:
+                    timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
+                events = dict(poller.poll(timeout))
+                if self.results in events:
+                    self._drain_socket(self.results, self._on_result)
+                if self.submit_pull in events:
+                    self._drain_socket(self.submit_pull, self._on_submit)
+                if self.publisher.socket in events:
+                    self.publisher.drain_subscriptions()
+                    self.stats["subscriptions"] = self.publisher.subscriptions
+                if self.router is not None and self.router in events:
+                    self._answer_snapshots()
+                deadline = self.order.next_deadline()
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._dispatch(self.order.tick(time.monotonic()))
+                self._send_outbox()
+                self._commands()
+                if time.monotonic() >= next_idle_check:
+                    self._end_idle_series()
+                    next_idle_check = time.monotonic() + 1.0
+                self.stats["journal"] = len(self.journal)
+                with self.idle:
+                    self.idle.notify_all()
+        except Exception:
+            self.log.exception("pipeline hub failed")
+            raise
+
+    def _drain_socket(self, socket: zmq.Socket[Any], handle: Any) -> None:
+        for _ in range(64):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = decode(frames)
+            except MessageError as exc:
+                self.stats["undecodable"] += 1
+                self.log.error("undecodable message dropped", error=str(exc))
+                continue
+            handle(message)
+
+    def _commands(self) -> None:
+        while True:
+            try:
+                command, arg = self.owner._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "exit":
+                self.running = False
+            elif command == "flush":
+                self._dispatch(self.order.finish())
+            elif command == "resend":
+                pending = self.journal.pending()
+                self.stats["resent"] += len(pending)
+                self.log.info(
+                    "re-sending journal after a restart", stage=arg, messages=len(pending)
+                )
+                self.outbox.extend(pending)
+                self._publish(
+                    Message(
+                        topics.warning_result(
+                            None, None, f"stage {arg} restarted", code="stage-restarted"
+                        )
+                    )
+                )
+            elif command == "warn":
+                text, code = arg
+                self._publish(Message(topics.warning_result(None, None, text, code=code)))
+
+    def _send_outbox(self) -> None:
+        assert self.chain is not None
+        while self.outbox:
+            try:
+                self.chain.send_multipart(encode(self.outbox[0]), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.outbox.popleft()
+
+    # -- receiver events -----------------------------------------------------------
+
+    def _series(self, info: SeriesInfo, now: float) -> _Series:
+        key = series_key(info)
+        state = self.series.get(key)
+        if state is None:
+            view = self.snapshot.view(key, info, started=now)
+            state = self.series[key] = _Series(info=info, view=view, last_submit=now)
+            start = Message(SeriesStart(info, started=now))
+            self._publish(start)
+            self._dispatch(self.order.process(Message(SeriesStart(info, started=now))))
+        return state
+
+    def _on_submit(self, message: Message) -> None:
+        self.taken += 1
+        self.stats["submitted"] += 1
+        p = message.payload
+        now = time.time()
+        message.stamp("hub.in", now)
+        if isinstance(p, SeriesEnd):
+            state = self.series.get(series_key(p.series))
+            if state is None or state.end_sent:
+                return
+            state.end_sent = True
+            self._dispatch(self.order.process(message))
+            return
+        if not isinstance(p, Volume | VolumeIncomplete):
+            return
+        state = self._series(p.series, now)
+        state.last_submit = now
+        if p.index in state.received:
+            state.view.counts["duplicates"] += 1
+        else:
+            state.received.add(p.index)
+            if isinstance(p, Volume):
+                state.view.counts["received"] += 1
+                result = topics.volume_received_result(
+                    p.series,
+                    p.index,
+                    shape=p.shape,
+                    voxel_mm=[float(v) for v in p.voxel_size],
+                    assembly_ms=(p.assembled - p.last_received) * 1000.0,
+                    instances=len(p.instance_uids),
+                )
+                self._publish(message.derive(result))
+            else:
+                state.view.counts["missing"] += 1
+                self._publish(message)
+        self._dispatch(self.order.process(message))
+
+    def _dispatch(self, messages: Any) -> None:
+        """Send what the orderer released into the chain, journaling it first."""
+        for message in messages:
+            p = message.payload
+            if isinstance(p, Volume | Gap):
+                self.journal.add(series_key(p.series), p.index, message)
+            elif isinstance(p, SeriesEnd):
+                self.journal.add(series_key(p.series), None, message)
+            self.outbox.append(message)
+
+    def _end_idle_series(self) -> None:
+        now = time.time()
+        for state in self.series.values():
+            if not state.end_sent and now - state.last_submit > self.idle_s:
+                state.end_sent = True
+                end = SeriesEnd(state.info, ended=now, reason="idle")
+                self._dispatch(self.order.process(Message(end)))
+
+    # -- results ---------------------------------------------------------------------
+
+    def _on_result(self, message: Message) -> None:
+        p = message.payload
+        series = message.series
+        if series is None:
+            self._publish(message)
+            return
+        key = series_key(series)
+        state = self.series.get(key)
+        if state is None:  # results of a series from before a restart of ours
+            return
+        if isinstance(p, Result):
+            self._on_analysis(state, key, message, p)
+        elif isinstance(p, Gap):
+            if p.index in state.done:
+                self._duplicate()
+                return
+            state.view.counts["gaps"] += 1
+            self._finish(state, key, p.index)
+            self._publish(message)
+        elif isinstance(p, SeriesEnd):
+            if state.ended:
+                self._duplicate()
+                return
+            state.ended = True
+            state.view.ended = p.ended
+            self.journal.ended(key)
+            self._publish(message)
+
+    def _on_analysis(self, state: _Series, key: Key, message: Message, p: Result) -> None:
+        index = p.index
+        if p.topic == CHECKPOINT:
+            if index is not None:
+                self.journal.checkpoint(key, str(p.values.get("stage")), index)
+            return
+        if p.topic == SKIPPED:
+            if index is not None and index not in state.done:
+                state.view.counts["skipped"] += 1
+                self._finish(state, key, index)
+            return
+        if p.topic.startswith(INTERNAL_PREFIX):
+            return
+        if p.topic == topics.WARNING:
+            code = str(p.values.get("code"))
+            if index is not None:
+                if (code, index) in state.warned:
+                    self._duplicate()
+                    return
+                state.warned.add((code, index))
+            state.view.counts["warnings"] += 1
+            self._publish(message)
+            return
+        if index is None:
+            self._publish(message)
+            return
+        seen = state.published.setdefault(p.topic, set())
+        if index in seen or (p.topic == topics.QC and index in state.done):
+            self._duplicate()
+            return
+        seen.add(index)
+        if p.topic == topics.QC:
+            received = message.timestamps.get("received")
+            now = time.time()
+            values = dict(p.values)
+            latency = None if received is None else (now - received) * 1000.0
+            values[topics.QC_LATENCY_MS] = latency
+            message = Message(
+                Result(p.topic, p.series, index, values=values), dict(message.timestamps)
+            )
+            state.view.on_qc(index, values)
+            self._finish(state, key, index)
+            self._publish(message)
+            self.log.info(
+                "volume published",
+                series=state.info.series_uid,
+                volume=index,
+                latency_ms=None if latency is None else round(latency, 1),
+                fd_mm=values.get("fd_mm"),
+                outlier=values.get("outlier"),
+            )
+            return
+        if p.topic == topics.MOTION:
+            state.view.on_motion(index, p.values)
+        self._publish(message)
+
+    def _finish(self, state: _Series, key: Key, index: int) -> None:
+        state.done.add(index)
+        state.view.last_index = max(index, state.view.last_index or -1)
+        self.journal.done(key, index)
+
+    def _duplicate(self) -> None:
+        self.stats["duplicates_dropped"] += 1
+
+    def _publish(self, message: Message) -> None:
+        self.publisher.publish(message)
+        self.stats["published"] += 1
+
+    def _answer_snapshots(self) -> None:
+        assert self.router is not None
+        body = self.snapshot.as_json()
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # REQ puts an empty delimiter before the request; DEALER may not.
+            envelope = frames[:-1]
+            self.router.send_multipart([*envelope, body])
+
+
+def _last_endpoint(socket: zmq.Socket[Any]) -> str:
+    endpoint = socket.get(zmq.LAST_ENDPOINT)
+    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)

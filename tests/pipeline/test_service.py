@@ -1,0 +1,131 @@
+"""The Pipeline service over real sockets: threads over inproc, results on loopback XPUB."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from pipeline_support import collect, make_series, pipeline_settings, subscribe, volumes
+
+from boldstream.pipeline.service import Pipeline
+from boldstream.pipeline.snapshot import request_snapshot
+from boldstream.receiver.volume import VolumeIncomplete
+from boldstream.sinks import topics
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _keyed(messages: list[Any], uid: str, topic: str) -> list[int]:
+    return [m.index for m in messages if m.topic == topic and m.series.series_uid == uid]
+
+
+def test_two_series_publish_the_contract_once_each(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    a, b = make_series("1.2.3.10"), make_series("1.2.3.20", session_key="sess-b")
+    va, vb = volumes(12, a), volumes(12, b, seed=1)
+    incomplete = VolumeIncomplete(
+        series=a,
+        index=5,
+        slices_received=10,
+        slices_expected=24,
+        first_received=va[5].first_received,
+        reported=va[5].assembled,
+    )
+    # A: volume 5 never completes, 7 arrives before 6, 2 arrives twice.
+    order_a = [*va[:5], incomplete, va[7], va[6], va[2], *va[8:]]
+    with Pipeline(pipeline_settings(tmp_path), mode="thread") as pipeline:
+        sub = subscribe(ctx, pipeline)
+        for ea, eb in zip(order_a, vb, strict=False):
+            pipeline.submit(ea)
+            pipeline.submit(eb)
+        for extra in order_a[len(vb) :]:
+            pipeline.submit(extra)
+        pipeline.end_series(a, n_volumes=12)
+        pipeline.end_series(b, n_volumes=12)
+        got = collect(sub, ends=2)
+        snapshot = request_snapshot(pipeline.snapshot_endpoint, context=ctx)
+        health = pipeline.health()
+        sub.close()
+
+    done_a = [i for i in range(12) if i != 5]
+    assert Counter(_keyed(got, a.series_uid, topics.VOLUME_RECEIVED)) == Counter(done_a)
+    assert _keyed(got, a.series_uid, topics.MOTION) == done_a
+    assert _keyed(got, a.series_uid, topics.QC) == done_a
+    assert _keyed(got, a.series_uid, topics.VOLUME_MISSING) == [5]
+    assert _keyed(got, a.series_uid, topics.GAP) == [5]
+    assert _keyed(got, b.series_uid, topics.QC) == list(range(12))
+    for uid in (a.series_uid, b.series_uid):
+        mine = [m for m in got if m.series is not None and m.series.series_uid == uid]
+        assert mine[0].topic == topics.SERIES_START
+        assert mine[-1].topic == topics.SERIES_END
+    assert not any(m.topic.startswith("pipeline.") or m.topic == "volume" for m in got)
+
+    first = next(m for m in got if m.topic == topics.VOLUME_RECEIVED)
+    assert first.payload.values["shape"] == [40, 40, 24]
+    assert first.payload.values["voxel_mm"] == pytest.approx([4.5, 4.5, 4.5])
+    assert first.payload.values["instances"] == 1
+    for m in got:
+        if m.topic == topics.MOTION:
+            assert set(m.payload.values) == set(topics.MOTION_FIELDS)
+        elif m.topic == topics.QC:
+            assert set(m.payload.values) == set(topics.QC_FIELDS)
+            latency = m.payload.values["latency_ms"]
+            assert 0 < latency < 60_000
+            # Published after the stages stamped it: end-to-end covers the chain.
+            assert latency / 1000 >= m.timestamps["qc.out"] - m.timestamps["received"]
+
+    series_a = next(s for s in snapshot["series"] if s["series_uid"] == a.series_uid)
+    assert series_a["counts"]["qc"] == 11
+    assert series_a["counts"]["missing"] == 1
+    assert series_a["counts"]["gaps"] == 1
+    assert series_a["counts"]["duplicates"] == 1
+    assert series_a["latest_qc"]["volume"] == 11
+    assert series_a["usable"]["frames_total"] == 11
+    assert series_a["ended"] is not None
+
+    stages = {s["name"]: s for s in health["stages"]}
+    assert set(stages) == {"motion", "qc"}
+    for s in stages.values():
+        assert s["alive"] and s["heartbeat"] is not None
+        assert s["state"] == "running"
+        assert s["lag_s"] is not None and s["last_series"] is not None
+    assert health["hub"]["duplicates_dropped"] == 0
+
+
+def test_snapshot_answers_late_joiners_over_req_and_dealer(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    series = make_series()
+    with Pipeline(pipeline_settings(tmp_path), mode="thread") as pipeline:
+        empty = request_snapshot(pipeline.snapshot_endpoint, context=ctx)
+        assert empty["series"] == []
+        for v in volumes(6, series):
+            pipeline.submit(v)
+        assert pipeline.drain(30)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(pipeline.snapshot_endpoint)
+        dealer.send_multipart([b"", b"snapshot"])
+        assert dealer.poll(5000)
+        reply = json.loads(dealer.recv_multipart()[-1])
+        dealer.close()
+    (only,) = reply["series"]
+    assert only["series_uid"] == series.series_uid
+    assert only["session_key"] == "sess-a"
+    assert only["counts"]["received"] == 6
+    assert only["counts"]["motion"] == only["counts"]["qc"] == 6
+    assert only["latest_qc"]["volume"] == 5
+    assert set(topics.QC_FIELDS) <= set(only["latest_qc"])
+    assert only["latest_motion"]["volume"] == 5
+    assert only["ended"] is None
+    assert only["latency_ms"]["max"] >= only["latency_ms"]["last"] > 0
+
+
+def test_an_unknown_setting_names_the_key(tmp_path: Path) -> None:
+    from boldstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pipeline\.pub"):
+        pipeline_settings(tmp_path, "pipeline.pub='localhost:80'")

@@ -1,0 +1,182 @@
+"""Motion and QC stages called directly: same numbers as the analysis, series kept apart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_support import make_series, phantom, volumes
+
+from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
+from boldstream.pipeline.stages import CHECKPOINT, CORRECTED, SKIPPED, MotionStage, QCStage
+from boldstream.receiver.volume import Volume
+from boldstream.sinks import topics
+from boldstream.stream.messages import Gap, Message, SeriesEnd
+
+
+def run_chain(motion: MotionStage, qc: QCStage, messages: Iterable[Message]) -> list[Message]:
+    out: list[Message] = []
+    for message in messages:
+        for m in motion.process(message):
+            out.extend(qc.process(m))
+    return out
+
+
+def by_topic(messages: list[Message], topic: str) -> dict[int, dict]:
+    found: dict[int, dict] = {}
+    for m in messages:
+        if m.topic == topic:
+            assert m.index not in found, f"{topic} {m.index} emitted twice"
+            found[m.index] = dict(m.payload.values)  # type: ignore[union-attr]
+    return found
+
+
+def direct(vols: list[Volume], *, dummy: int = 0) -> tuple[dict[int, tuple], dict[int, dict]]:
+    """Motion params and QC values straight from the analysis classes."""
+    ref = vols[dummy].data
+    corrector = MotionCorrector(ref, vols[dummy].vox2ras)
+    acc = QCAccumulator(foreground_mask(ref), tr_s=2.0)
+    params, qc = {}, {}
+    for v in vols[dummy:]:
+        est = corrector.register(v.data)
+        params[v.index] = est.params
+        qc[v.index] = acc.update(est.corrected, est.params, usable=not est.flagged).as_dict()
+    return params, qc
+
+
+def test_stages_match_direct_analysis_calls() -> None:
+    series = make_series()
+    vols = volumes(40, series)
+    out = run_chain(MotionStage(), QCStage(), (Message(v) for v in vols))
+    motion, qc = by_topic(out, topics.MOTION), by_topic(out, topics.QC)
+    params, expected = direct(vols)
+    assert sorted(motion) == sorted(qc) == list(range(40))
+    for i in range(40):
+        got = tuple(motion[i][k] for k in topics.MOTION_FIELDS[:6])
+        np.testing.assert_allclose(got, params[i], atol=1e-9)
+        assert set(motion[i]) == set(topics.MOTION_FIELDS)
+        assert set(qc[i]) == set(topics.QC_FIELDS)
+        assert qc[i]["latency_ms"] is not None and qc[i]["latency_ms"] >= 0
+        for key in ("fd_mm", "dvars", "std_dvars", "global_signal", "tsnr_median", "outlier"):
+            assert qc[i][key] == pytest.approx(expected[i][key], rel=1e-6, abs=1e-9), (i, key)
+        assert qc[i]["usable"] == expected[i]["usable"]
+    # The phantom's mild motion is recovered (truth relative to volume 0).
+    truth = np.asarray(phantom(40).truth["motion"]["parameters"])
+    got = np.asarray([[motion[i][k] for k in topics.MOTION_FIELDS[:6]] for i in range(40)])
+    assert np.abs(got[:, :3] - truth[:, :3]).max() < 0.2
+    # Corrected volumes stay internal: QC does not forward them by default.
+    assert not any(m.topic == CORRECTED for m in out)
+
+
+def test_dummy_scans_are_skipped_and_the_reference_follows_them() -> None:
+    series = make_series()
+    vols = volumes(12, series)
+    out = run_chain(MotionStage(dummy_scans=3), QCStage(), (Message(v) for v in vols))
+    assert sorted(by_topic(out, SKIPPED)) == [0, 1, 2]
+    motion = by_topic(out, topics.MOTION)
+    params, _ = direct(vols, dummy=3)
+    assert sorted(motion) == list(range(3, 12))
+    assert all(abs(motion[3][k]) < 1e-3 for k in ("trans_x", "trans_y", "trans_z"))
+    for i in range(3, 12):
+        np.testing.assert_allclose(
+            [motion[i][k] for k in topics.MOTION_FIELDS[:6]], params[i], atol=1e-9
+        )
+    assert by_topic(out, topics.QC)[3]["fd_mm"] is None
+
+
+def test_interleaved_series_are_kept_apart() -> None:
+    a, b = make_series("1.2.3.10"), make_series("1.2.3.20", session_key="sess-b")
+    va, vb = volumes(15, a, seed=0), volumes(15, b, seed=1, motion="heavy")
+    mixed = [Message(v) for pair in zip(va, vb, strict=True) for v in pair]
+    out = run_chain(MotionStage(), QCStage(), mixed)
+    alone_a = run_chain(MotionStage(), QCStage(), (Message(v) for v in va))
+    for series, alone in ((a, alone_a),):
+        mine = [m for m in out if m.series == series]
+        for topic in (topics.MOTION, topics.QC):
+            got, want = by_topic(mine, topic), by_topic(alone, topic)
+            for i in want:
+                want[i].pop("latency_ms", None)
+                got[i].pop("latency_ms", None)
+            assert got == want
+    assert len(by_topic([m for m in out if m.series == b], topics.QC)) == 15
+
+
+def test_a_failing_series_does_not_touch_another() -> None:
+    a, b = make_series("1.2.3.10"), make_series("1.2.3.20")
+    va, vb = volumes(10, a), volumes(10, b, seed=1)
+    bad = Volume(
+        data=np.ones((8, 8, 8), dtype=np.float32),
+        vox2ras=va[4].vox2ras,
+        series=a,
+        index=4,
+        acquisition_time=None,
+        first_received=va[4].first_received,
+        last_received=va[4].last_received,
+        assembled=va[4].assembled,
+    )
+    va[4] = bad
+    mixed = [Message(v) for pair in zip(va, vb, strict=True) for v in pair]
+    out = run_chain(MotionStage(), QCStage(), mixed)
+    of_a = [m for m in out if m.series == a]
+    warnings = [m.payload.values for m in of_a if m.topic == topics.WARNING]  # type: ignore[union-attr]
+    assert [w["code"] for w in warnings] == ["analysis-failed"]
+    assert "volume 4" in warnings[0]["message"]
+    assert sorted(by_topic(of_a, SKIPPED)) == [4]
+    assert sorted(by_topic(of_a, topics.QC)) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert sorted(by_topic([m for m in out if m.series == b], topics.QC)) == list(range(10))
+
+
+def test_gaps_pass_through_and_the_series_end_flushes(tmp_path: Path) -> None:
+    series = make_series()
+    vols = volumes(8, series)
+    messages = [Message(v) for v in vols[:3]]
+    messages.append(Message(Gap(series, 3, "incomplete")))
+    messages.extend(Message(v) for v in vols[4:])
+    messages.append(Message(SeriesEnd(series, ended=0.0, n_volumes=8)))
+    motion = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=100)
+    qc = QCStage(checkpoint_dir=tmp_path, checkpoint_every=100)
+    out = run_chain(motion, qc, messages)
+    assert [m.index for m in out if m.kind == "gap"] == [3]
+    assert sorted(by_topic(out, topics.QC)) == [0, 1, 2, 4, 5, 6, 7]
+    # The end writes a checkpoint for each stage, reported before the end passes on.
+    assert [m.payload.values["stage"] for m in out if m.topic == CHECKPOINT] == ["motion", "qc"]  # type: ignore[union-attr]
+    assert out[-1].kind == "series-end"
+
+
+def test_a_restarted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    series = make_series()
+    vols = volumes(24, series)
+    whole = run_chain(MotionStage(), QCStage(), (Message(v) for v in vols))
+    first_m = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    first_q = QCStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    before = run_chain(first_m, first_q, (Message(v) for v in vols[:17]))
+    assert max(m.index for m in before if m.topic == CHECKPOINT) == 14
+    # Both "die" after volume 16; new instances see the journal re-sent from 10,
+    # with a stale 18 and 19 arriving first (still queued upstream at the restart).
+    again_m = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    again_q = QCStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    resent = [vols[18], vols[19], *vols[10:]]
+    after = run_chain(again_m, again_q, (Message(v) for v in resent))
+    assert again_m.counts["restored"] == again_q.counts["restored"] == 1
+    want_m, want_q = by_topic(whole, topics.MOTION), by_topic(whole, topics.QC)
+    # Repeats (10..14) are re-emitted as first published; 15.. are computed again.
+    got_m: dict[int, dict] = {}
+    got_q: dict[int, dict] = {}
+    for m in after:
+        if m.topic in (topics.MOTION, topics.QC):
+            target = got_m if m.topic == topics.MOTION else got_q
+            target.setdefault(m.index, dict(m.payload.values))  # type: ignore[union-attr]
+    assert sorted(got_q) == list(range(10, 24))
+    for i in range(10, 24):
+        assert got_m[i] == want_m[i]
+        got_q[i].pop("latency_ms")
+        want = dict(want_q[i])
+        want.pop("latency_ms")
+        assert got_q[i].keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got_q[i][key] == pytest.approx(value, rel=1e-9), (i, key)
+            else:
+                assert got_q[i][key] == value, (i, key)
