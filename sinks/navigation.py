@@ -54,12 +54,18 @@ from boldstream.stream.messages import Result
 __all__ = [
     "FRAMES",
     "Frame",
+    "NavigationError",
     "Target",
     "brainsight_text",
     "localite_xml",
 ]
 
 Frame = Literal["RAS", "LPS"]
+
+
+class NavigationError(SinkError, ValueError):
+    """A target that cannot be exported (no coordinates, unknown frame)."""
+
 
 #: What each frame is, as written into the exports and the target JSON.
 FRAMES: Final[dict[str, str]] = {
@@ -79,9 +85,9 @@ def _vector(value: Any, name: str) -> tuple[float, float, float]:
     try:
         x = [float(v) for v in value]
     except (TypeError, ValueError):
-        raise SinkError(f"target {name}: expected 3 numbers, got {value!r}") from None
+        raise NavigationError(f"target {name}: expected 3 numbers, got {value!r}") from None
     if len(x) != 3 or not all(np.isfinite(x)):
-        raise SinkError(f"target {name}: expected 3 finite numbers, got {value!r}")
+        raise NavigationError(f"target {name}: expected 3 finite numbers, got {value!r}")
     return (x[0], x[1], x[2])
 
 
@@ -102,7 +108,7 @@ class Target:
     def from_result(cls, result: Result) -> Target:
         """The target of a ``target`` result (:func:`~boldstream.sinks.topics.target_result`)."""
         if result.topic != topics.TARGET:
-            raise SinkError(f"expected a {topics.TARGET!r} result, got {result.topic!r}")
+            raise NavigationError(f"expected a {topics.TARGET!r} result, got {result.topic!r}")
         values = dict(result.values)
         affine = result.affines.get(topics.TARGET_AFFINE)
         return cls(
@@ -125,7 +131,7 @@ class Target:
             return self.ras_mm
         if frame == "LPS":
             return self.lps_mm
-        raise SinkError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
+        raise NavigationError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
 
     @property
     def voxel_ijk(self) -> tuple[float, float, float] | None:
@@ -201,7 +207,7 @@ def _clean(name: str) -> str:
 def brainsight_text(targets: Sequence[Target], *, frame: Frame = "RAS") -> str:
     """A Brainsight targets ``.txt`` for ``targets`` in ``frame``."""
     if frame not in _BRAINSIGHT_FRAME:
-        raise SinkError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
+        raise NavigationError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
     lines = [
         "# Version: 12",
         f"# Coordinate system: {_BRAINSIGHT_FRAME[frame]}",
@@ -227,7 +233,7 @@ def brainsight_text(targets: Sequence[Target], *, frame: Frame = "RAS") -> str:
 def localite_xml(targets: Sequence[Target], *, frame: Frame = "RAS") -> str:
     """A Localite ``InstrumentMarkerList`` for ``targets`` in ``frame``."""
     if frame not in _BRAINSIGHT_FRAME:
-        raise SinkError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
+        raise NavigationError(f"unknown frame {frame!r}: use 'RAS' or 'LPS'")
     root = ET.Element("InstrumentMarkerList", coordinateSpace=frame)
     root.append(ET.Comment(f" written by boldstream {__version__}: {FRAMES[frame]} "))
     for index, target in enumerate(targets):
