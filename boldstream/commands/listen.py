@@ -1,0 +1,103 @@
+"""``boldstream listen``: print the live result stream in the terminal.
+
+A reference subscriber (see docs/results.md for subscribing from another
+program): one readable line per message, or with ``--json`` each message's
+header as one JSON line, until Ctrl-C (exit 0) or ``--count`` messages.
+A malformed endpoint exits 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from boldstream.errors import BoldstreamError, ConfigError
+from boldstream.sinks.listen import DEFAULT_ENDPOINT, check_endpoint, listen
+
+__all__ = ["main", "register", "run"]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="print the live result stream (motion, QC, target...) in the terminal",
+        description="Subscribe to the pipeline's result publisher and print one line per "
+        "message until interrupted (Ctrl-C).",
+    )
+    p.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        help=f"publisher to connect to (pipeline.pub; default {DEFAULT_ENDPOINT})",
+    )
+    p.add_argument(
+        "--topic",
+        dest="topics",
+        action="append",
+        default=[],
+        metavar="T",
+        help="only topics starting with T, e.g. --topic qc --topic target (repeatable; "
+        "default: everything)",
+    )
+    p.add_argument(
+        "--json",
+        dest="raw_json",
+        action="store_true",
+        help="print each message's JSON header (with its topic) as one line",
+    )
+    p.add_argument(
+        "--count", type=int, metavar="N", help="exit after N messages (default: run until Ctrl-C)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_endpoint(args.endpoint)
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    print(f"listening to {args.endpoint}", file=sys.stderr, flush=True)
+
+    def warn(text: str) -> None:
+        print(f"boldstream listen: {text}", file=sys.stderr, flush=True)
+
+    try:
+        listen(
+            args.endpoint,
+            sys.stdout,
+            topics=tuple(args.topics),
+            raw_json=args.raw_json,
+            count=args.count,
+            on_error=warn,
+        )
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # `boldstream listen | head`: the reader left. Point stdout at devnull so
+        # that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m boldstream.commands.listen``: this command alone, errors as in the CLI."""
+    parser = argparse.ArgumentParser(prog="boldstream")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["listen", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"boldstream listen: {exc}", file=sys.stderr)
+        return 2
+    except BoldstreamError as exc:
+        print(f"boldstream listen: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
