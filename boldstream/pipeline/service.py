@@ -31,6 +31,7 @@ in the published results.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -743,7 +744,9 @@ class _Hub:
 
     def _answer_snapshots(self) -> None:
         assert self.router is not None
-        body = self.snapshot.as_json()
+        state = self.snapshot.as_dict()
+        state["subscriptions"] = self.publisher.subscriptions
+        body = json.dumps(state, separators=(",", ":"), allow_nan=False).encode()
         while True:
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)

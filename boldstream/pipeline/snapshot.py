@@ -5,7 +5,8 @@ connects mid-series needs before the next results arrive: the latest QC and
 motion values, the usable-data summary and counts. The snapshot endpoint (a
 ROUTER socket; a REQ or DEALER client sends any one frame) answers with::
 
-    {"time": <unix s>, "series": [<series>, ...]}
+    {"time": <unix s>, "subscriptions": <live topic subscriptions on the XPUB>,
+     "series": [<series>, ...]}
 
     <series> = {"session_key", "series_uid", "series_number", "description",
                 "tr_s", "started", "ended", "last_index",
@@ -123,9 +124,6 @@ class Snapshot:
 
     def as_dict(self) -> dict[str, Any]:
         return {"time": time.time(), "series": [v.as_dict() for v in self._views.values()]}
-
-    def as_json(self) -> bytes:
-        return json.dumps(self.as_dict(), separators=(",", ":"), allow_nan=False).encode()
 
 
 def request_snapshot(

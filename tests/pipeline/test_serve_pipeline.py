@@ -1,0 +1,125 @@
+"""``serve`` as a real process: storescu sends mosaics, results come out on the XPUB.
+
+Runs the command module itself (``python -m boldstream.commands.serve``), so it
+depends on nothing but serve's own wiring: receiver -> pipeline -> subscribers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from peers import require_tool
+
+from boldstream.pipeline.snapshot import request_snapshot
+from boldstream.sinks import topics
+from boldstream.stream.messages import Message
+from boldstream.stream.pubsub import Subscriber
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class _Serve:
+    def __init__(self, spool: Path, *extra: str) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "boldstream.commands.serve",
+            "--port",
+            "0",
+            "--spool",
+            str(spool),
+            "--set",
+            "selector.exclude_image_types=[]",
+            "--set",
+            "pipeline.pub='tcp://127.0.0.1:*'",
+            "--set",
+            "pipeline.snapshot='tcp://127.0.0.1:*'",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.logs: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("boldstream listening on 127.0.0.1:"), line
+        self.port = int(line.rsplit(":", 1)[1])
+        started = [e for e in self.logs if e.get("event") == "pipeline started"]
+        assert started, self.logs
+        self.pub, self.snapshot = started[0]["pub"], started[0]["snapshot"]
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                self.logs.append(json.loads(line))
+            except json.JSONDecodeError:
+                self.logs.append({"raw": line})
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self._reader.join(5)
+        return code
+
+
+def test_serve_publishes_motion_and_qc_of_volumes_sent_by_storescu(
+    tmp_path: Path, heudiconv_data: Path, ctx: zmq.Context[Any]
+) -> None:
+    server = _Serve(tmp_path / "spool")
+    try:
+        sub = Subscriber(ctx, server.pub, topics=topics.DASHBOARD_TOPICS, rcvhwm=0)
+        # The XPUB learns of subscriptions asynchronously; the snapshot says
+        # how many it has (one per topic of this subscriber).
+        deadline = time.monotonic() + 10
+        while (reply := request_snapshot(server.snapshot, context=ctx))["subscriptions"] < len(
+            topics.DASHBOARD_TOPICS
+        ):
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.02)
+        assert reply["series"] == []
+        files = sorted((heudiconv_data / "b0dwiForFmap").glob("*.dcm"))
+        out = subprocess.run(
+            [require_tool("storescu"), "-aet", "SCANNER", "-aec", "BOLDSTREAM",
+             "127.0.0.1", str(server.port), *map(str, files)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        got: list[Message] = []
+        deadline = time.monotonic() + 90
+        while sum(m.topic == topics.QC for m in got) < 3:
+            assert time.monotonic() < deadline, Counter(m.topic for m in got)
+            m = sub.recv(timeout_ms=1000)
+            if m is not None:
+                got.append(m)
+        snapshot = request_snapshot(server.snapshot, context=ctx)
+        sub.close()
+    finally:
+        code = server.stop()
+    assert code == 0
+    counts = Counter(m.topic for m in got)
+    assert counts[topics.SERIES_START] == 1
+    assert counts[topics.VOLUME_RECEIVED] == counts[topics.MOTION] == counts[topics.QC] == 3
+    qc = [m.payload.values for m in got if m.topic == topics.QC]  # type: ignore[union-attr]
+    assert [q["fd_mm"] is None for q in qc] == [True, False, False]
+    assert all(0 < q["latency_ms"] < 60_000 for q in qc)
+    (series,) = snapshot["series"]
+    assert series["counts"]["qc"] == 3
+    events = Counter(e.get("event") for e in server.logs)
+    assert events["volume published"] == 3
+    assert events["pipeline stopped"] == 1
+    assert not any(e.get("level") == "error" for e in server.logs), [
+        e for e in server.logs if e.get("level") == "error"
+    ]
