@@ -1,0 +1,203 @@
+"""The simulated scanner's network side: C-STORE a run, paced like a scanner.
+
+Volumes are encoded as they are due (a run is never all in memory) and sent
+over one or several associations. Volume ``t`` is released at
+``t * TR / pace`` after the start (``pace=None``: as fast as possible). For
+receiver tests the sender can misbehave like real consoles and networks do:
+shuffle the slices of a volume, send some instances twice, or drop some.
+
+:func:`write_run` writes the same instances to a folder instead, for DCMTK's
+``storescu`` to send.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from boldstream.simulator.encode import (
+    ENHANCED_MR_IMAGE_STORAGE,
+    MR_IMAGE_STORAGE,
+    Encoding,
+    SeriesSpec,
+    encode_series_enhanced,
+    encode_volume,
+)
+from boldstream.simulator.phantom import PhantomRun, SimulatorError
+
+__all__ = ["SendOptions", "SendReport", "iter_instances", "send_run", "write_run"]
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    encoding: Encoding = "mosaic"
+    #: Speed factor over real time (1.0: one volume per TR); None: as fast as possible.
+    pace: float | None = None
+    calling_aet: str = "SIMSCANNER"
+    called_aet: str = "BOLDSTREAM"
+    associations: int = 1
+    #: Send the slices of each volume in a random order (per-slice encoding).
+    shuffle: bool = False
+    #: Send this fraction of instances a second time.
+    duplicate_fraction: float = 0.0
+    #: (volume, instance-within-volume) pairs never sent.
+    drop: frozenset[tuple[int, int]] = frozenset()
+    seed: int = 0
+    #: Series header values; a fresh series when None.
+    spec: SeriesSpec | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass
+class SendReport:
+    instances: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    series_uid: str = ""
+
+    @property
+    def failed(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != 0)
+
+
+def _spec_for(run: PhantomRun, options: SendOptions) -> SeriesSpec:
+    return options.spec or SeriesSpec(tr_s=run.tr_s, n_volumes=run.n_volumes)
+
+
+def iter_instances(run: PhantomRun, options: SendOptions) -> Iterator[tuple[int, list[Dataset]]]:
+    """(volume index, instances to send for it), misbehaviour included."""
+    spec = _spec_for(run, options)
+    rng = random.Random(options.seed)
+    if options.encoding == "enhanced-series":
+        yield run.n_volumes - 1, [encode_series_enhanced(run.iter_volumes(), run.vox2ras, spec)]
+        return
+    for t in range(run.n_volumes):
+        instances = encode_volume(run.volume(t), run.vox2ras, spec, t, encoding=options.encoding)
+        chosen = [ds for i, ds in enumerate(instances) if (t, i) not in options.drop]
+        if options.shuffle:
+            rng.shuffle(chosen)
+        extra = [ds for ds in chosen if rng.random() < options.duplicate_fraction]
+        yield t, chosen + extra
+
+
+def _associate(host: str, port: int, options: SendOptions) -> Any:
+    ae = AE(ae_title=options.calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = options.timeout_s
+    for sop in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE):
+        ae.add_requested_context(sop)
+    assoc = ae.associate(host, port, ae_title=options.called_aet)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        raise SimulatorError(
+            f"cannot associate with {options.called_aet} at {host}:{port} ({why}); "
+            "is boldstream serve running there, and is our AE title allowed?"
+        )
+    return assoc
+
+
+def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> SendReport:
+    """Send ``run`` over C-STORE; returns counts per DIMSE status.
+
+    Raises :class:`SimulatorError` when an association cannot be made or a
+    C-STORE gets no answer at all.
+    """
+    if options.associations < 1:
+        raise SimulatorError("associations must be at least 1")
+    report = SendReport(series_uid=_spec_for(run, options).series_uid)
+    spec = _spec_for(run, options)
+    options = SendOptions(**{**options.__dict__, "spec": spec})
+    work: queue.Queue[Dataset | None] = queue.Queue(maxsize=4 * max(1, options.associations) * 64)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            assoc = _associate(host, port, options)
+        except BaseException as exc:
+            errors.append(exc)
+            while work.get() is not None:  # keep the producer unblocked
+                pass
+            return
+        try:
+            while (ds := work.get()) is not None:
+                status = assoc.send_c_store(ds)
+                code = int(getattr(status, "Status", -1)) if status else -1
+                with lock:
+                    report.instances += 1
+                    report.statuses[code] += 1
+                if code == -1:
+                    raise SimulatorError(
+                        f"no C-STORE response from {host}:{port} (association lost)"
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+            while work.get() is not None:
+                pass
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    threads = [
+        threading.Thread(target=worker, name=f"sim-assoc-{i}", daemon=True)
+        for i in range(options.associations)
+    ]
+    for th in threads:
+        th.start()
+    start = time.monotonic()
+    try:
+        for t, instances in iter_instances(run, options):
+            if options.pace is not None:
+                due = start + t * run.tr_s / options.pace
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            for ds in instances:
+                work.put(ds)
+            if errors:
+                break
+    finally:
+        for _ in threads:
+            work.put(None)
+        for th in threads:
+            th.join()
+    report.elapsed_s = time.monotonic() - start
+    if errors:
+        err = errors[0]
+        if isinstance(err, SimulatorError):
+            raise err
+        raise SimulatorError(f"sending failed: {type(err).__name__}: {err}") from err
+    return report
+
+
+def write_run(
+    run: PhantomRun, folder: Path, options: SendOptions, *, truth: bool = True
+) -> list[Path]:
+    """Write the instances :func:`send_run` would send, in sending order.
+
+    Files are named ``NNNNNN.dcm`` in that order (``storescu`` sends its
+    arguments in order). ``truth.json`` goes beside them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = _spec_for(run, options)
+    options = SendOptions(**{**options.__dict__, "spec": spec})
+    paths: list[Path] = []
+    for _, instances in iter_instances(run, options):
+        for ds in instances:
+            path = folder / f"{len(paths):06d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    if truth:
+        meta = {"series_uid": spec.series_uid, "study_uid": spec.study_uid, **run.truth}
+        (folder / "truth.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return paths
