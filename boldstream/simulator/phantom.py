@@ -110,9 +110,7 @@ class MotionSpec:
 MOTION_PRESETS: dict[str, MotionSpec | None] = {
     "none": None,
     "mild": MotionSpec(),
-    "heavy": MotionSpec(
-        drift_mm=1.5, drift_deg=1.2, jerks_per_min=3.0, jerk_mm=2.5, jerk_deg=2.0
-    ),
+    "heavy": MotionSpec(drift_mm=1.5, drift_deg=1.2, jerks_per_min=3.0, jerk_mm=2.5, jerk_deg=2.0),
 }
 
 
@@ -212,8 +210,8 @@ def make_motion(
         else:
             params[start : start + int(rng.integers(1, 4))] += delta
     limit = np.array([spec.max_mm] * 3 + [math.radians(spec.max_deg)] * 3)
-    params = np.clip(params - params[0], -limit, limit)
-    return params
+    clipped: F64 = np.clip(params - params[0], -limit, limit)
+    return clipped
 
 
 def _soft_sphere(grid_mm: F64, centre: tuple[float, float, float], radius: float) -> F64:
@@ -258,7 +256,7 @@ def _head_model(seed: int, radius_mm: float, target_mni: tuple[float, float, flo
     grid_mm = grid_mm[:, index]
     g, w, c = gm.ravel()[index], wm.ravel()[index], csf.ravel()[index]
     tissue = g + 0.4 * w + 0.2 * c
-    comps: list[F64] = [0.004 * tissue]  # global signal, ~0.4 %
+    comps: list[npt.NDArray[np.floating[Any]]] = [0.004 * tissue]  # global signal, ~0.4 %
     for _ in range(6):  # smooth background "networks"
         field_ = ndimage.gaussian_filter(rng.standard_normal(gm.shape), 4.0).ravel()[index]
         comps.append(0.003 * (g + 0.3 * w) * field_ / field_.std())
@@ -412,7 +410,8 @@ def make_phantom_run(
             n *= np.float32(sigma)
             sampled += n[0]
             np.hypot(sampled, n[1], out=sampled)
-        return sampled.reshape(shape)
+        out: F32 = sampled.reshape(shape)
+        return out
 
     def scanner_of(mni: tuple[float, float, float]) -> dict[str, list[float]]:
         ras = (mni2scanner @ np.array([*mni, 1.0]))[:3]
@@ -473,12 +472,19 @@ def make_phantom_run(
 def run_from_nifti(path: str | Path, *, tr_s: float | None = None) -> PhantomRun:
     """A 4D NIfTI as a run (volumes read lazily); ``tr_s`` defaults to pixdim[4]."""
     path = Path(path)
-    img = nib.load(str(path))
+    try:
+        loaded = nib.load(str(path))
+    except Exception as exc:
+        raise SimulatorError(f"{path}: not a readable NIfTI image ({exc})") from None
+    if not isinstance(loaded, nib.Nifti1Image | nib.Nifti2Image):
+        raise SimulatorError(f"{path}: not a NIfTI image ({type(loaded).__name__})")
+    img = loaded
     if len(img.shape) != 4:
         raise SimulatorError(f"{path} is not a 4D image (shape {img.shape})")
-    zooms = img.header.get_zooms()
+    header: Any = img.header
+    zooms = header.get_zooms()
     tr = float(tr_s) if tr_s is not None else float(zooms[3]) if len(zooms) > 3 else 0.0
-    if img.header.get_xyzt_units()[1] == "msec":
+    if header.get_xyzt_units()[1] == "msec":
         tr = tr / 1000.0 if tr_s is None else tr
     if tr <= 0:
         raise SimulatorError(f"{path} states no repetition time; pass tr_s")
