@@ -172,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
     spool = args.spool or Path(spool_tmp.name) / "spool"  # type: ignore[union-attr]
     settings = load_settings(
         args.config,
-        overrides=[*args.overrides, {"receiver": {"port": 0, "spool_dir": str(spool)}}],
+        overrides=[
+            # Free ports only: the demo must run beside a real `boldstream serve`.
+            {"pipeline": {"pub": "tcp://127.0.0.1:*", "snapshot": "tcp://127.0.0.1:*"}},
+            *args.overrides,
+            {"receiver": {"port": 0, "spool_dir": str(spool)}},
+        ],
     )
     configure_logging(level="warning", json=False)
     context: zmq.Context[Any] = zmq.Context()
