@@ -379,8 +379,13 @@ def handle_echo(event: evt.Event, log: Any) -> int:
     return STATUS_SUCCESS
 
 
-def _handle_accepted(event: evt.Event, stats: ReceiverStats, log: Any) -> None:
+def _handle_accepted(event: evt.Event, stats: ReceiverStats, poll_s: float, log: Any) -> None:
     stats.add(associations=1)
+    # pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do;
+    # its 1 ms default caps a per-slice series at a few hundred instances/s.
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = poll_s
     req = event.assoc.requestor
     log.info("association accepted", calling_aet=req.ae_title, peer=f"{req.address}:{req.port}")
 
@@ -477,7 +482,11 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.spool, self._deliver, self.stats, self._log]),
             (evt.EVT_C_ECHO, handle_echo, [self._log]),
-            (evt.EVT_ACCEPTED, _handle_accepted, [self.stats, self._log]),
+            (
+                evt.EVT_ACCEPTED,
+                _handle_accepted,
+                [self.stats, self.settings.reactor_poll_ms / 1000.0, self._log],
+            ),
             (evt.EVT_REJECTED, _handle_rejected, [self.settings.allowed_calling_aets, self._log]),
             (evt.EVT_ABORTED, _handle_aborted, [self._log]),
             (evt.EVT_RELEASED, _handle_released, [self._log]),

@@ -1,0 +1,274 @@
+"""Receive speed: boldstream's Storage SCP against DCMTK's storescp, same files, same run.
+
+DCMTK's storescu is the sender (the scanner). For each series (per-slice
+90x90x60, mosaic 64x64x36) and each sender setting (default socket options,
+and TCP_NODELAY=1 in the DCMTK tools' environment) it times storescu sending
+the files to:
+
+- boldstream (spool with fsync per instance, decode, assembly; TCP_QUICKACK
+  re-armed on the accepted socket: the default),
+- boldstream with tcp_quickack off (to show what the receiver-side fix does),
+- DCMTK storescp (writes files, no fsync),
+
+and reports instances/s, MB/s, the ratio to storescp, and boldstream's
+assembly latency per volume (last instance of the volume received -> volume
+ready). A second table sends the per-slice series over 4 associations at once.
+
+    python benchmarks/receive.py [--repeats 3] [--slice-volumes 10] [--mosaic-volumes 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line, table
+
+from boldstream.config import load_settings
+from boldstream.logs import configure_logging
+from boldstream.receiver.service import Receiver
+from boldstream.receiver.volume import Volume
+from boldstream.simulator.phantom import make_phantom_run
+from boldstream.simulator.send import SendOptions, write_run
+
+
+def _native(name: str) -> str:
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = Path(folder) / name
+        if path.is_file() and path.read_bytes()[:4] == b"\x7fELF":
+            return str(path)
+    raise SystemExit(f"DCMTK's native {name} is needed (apt-get install dcmtk)")
+
+
+STORESCU, STORESCP = _native("storescu"), _native("storescp")
+
+
+def _env(nodelay: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def _send(port: int, files: Sequence[Path], *, nodelay: bool, senders: int = 1) -> float:
+    """Seconds for ``senders`` storescu processes to deliver ``files`` (split evenly)."""
+    chunks = [list(files[i::senders]) for i in range(senders)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                STORESCU,
+                "-aet",
+                "SCANNER",
+                "-aec",
+                "BOLDSTREAM",
+                "127.0.0.1",
+                str(port),
+                *map(str, chunk),
+            ],
+            env=_env(nodelay),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise SystemExit(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _boldstream(root: Path, *, quickack: bool) -> Iterator[tuple[int, list[Volume], Receiver]]:
+    spool = Path(tempfile.mkdtemp(dir=root))
+    settings = load_settings(
+        overrides=[
+            {
+                "receiver": {"port": 0, "spool_dir": str(spool), "tcp_quickack": quickack},
+                "selector": {"exclude_image_types": []},
+            }
+        ],
+        environ={},
+    )
+    volumes: list[Volume] = []
+    receiver = Receiver(settings, lambda e: volumes.append(e) if isinstance(e, Volume) else None)
+    receiver.start()
+    try:
+        yield receiver.port, volumes, receiver
+    finally:
+        receiver.stop()
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _storescp(root: Path, *, nodelay: bool) -> Iterator[int]:
+    out = Path(tempfile.mkdtemp(dir=root))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "BOLDSTREAM", "-od", str(out), str(port)],
+        env=_env(nodelay),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--slice-volumes", type=int, default=10, help="90x90x60 per-slice volumes")
+    ap.add_argument("--mosaic-volumes", type=int, default=100, help="64x64x36 mosaic volumes")
+    ap.add_argument(
+        "--slow-cap",
+        type=int,
+        default=120,
+        help="instances sent in combinations that stall ~50 ms per instance (default sender)",
+    )
+    args = ap.parse_args(argv)
+    configure_logging(level="error", json=True)
+    root = Path(tempfile.mkdtemp(prefix="boldstream-bench-"))
+    try:
+        series = {
+            "per-slice 90x90x60": write_run(
+                make_phantom_run(
+                    n_volumes=args.slice_volumes, tr_s=0.8, shape=(90, 90, 60), voxel_mm=2.4
+                ),
+                root / "slice",
+                SendOptions(encoding="slice"),
+                truth=False,
+            ),
+            "mosaic 64x64x36": write_run(
+                make_phantom_run(
+                    n_volumes=args.mosaic_volumes, tr_s=2.0, shape=(64, 64, 36), voxel_mm=3.0
+                ),
+                root / "mosaic",
+                SendOptions(encoding="mosaic"),
+                truth=False,
+            ),
+        }
+        rows: list[list[str]] = []
+        latency: dict[str, list[float]] = {name: [] for name in series}
+        for name, files in series.items():
+            size_mb = sum(f.stat().st_size for f in files) / 1e6 / len(files)
+            for nodelay in (False, True):
+                rates: dict[str, list[float]] = {}
+                for receiver in ("boldstream", "boldstream, quickack off", "DCMTK storescp"):
+                    slow = not nodelay and receiver != "boldstream" and name.startswith("per-slice")
+                    subset = files[: args.slow_cap] if slow else files
+                    for _ in range(args.repeats):
+                        if receiver == "DCMTK storescp":
+                            with _storescp(root, nodelay=nodelay) as port:
+                                seconds = _send(port, subset, nodelay=nodelay)
+                        else:
+                            quick = receiver == "boldstream"
+                            with _boldstream(root, quickack=quick) as (port, vols, rec):
+                                seconds = _send(port, subset, nodelay=nodelay)
+                                rec.ingest.wait_idle(60)
+                                if quick:
+                                    latency[name] += [
+                                        (v.assembled - v.last_received) * 1e3 for v in vols
+                                    ]
+                        rates.setdefault(receiver, []).append(len(subset) / seconds)
+                base = statistics.median(rates["DCMTK storescp"])
+                for receiver, values in rates.items():
+                    med = statistics.median(values)
+                    rows.append(
+                        [
+                            name,
+                            "TCP_NODELAY=1" if nodelay else "default",
+                            receiver,
+                            f"{med:,.0f}",
+                            f"{med * size_mb:,.1f}",
+                            f"{med / base:.2f}x",
+                            str(
+                                len(files[: args.slow_cap])
+                                if not nodelay
+                                and receiver != "boldstream"
+                                and name.startswith("per-slice")
+                                else len(files)
+                            ),
+                        ]
+                    )
+        print(f"## Receive ({machine_line()})\n")
+        print(f"storescu -> receiver on 127.0.0.1, median of {args.repeats} runs\n")
+        print(
+            table(
+                ["series", "sender", "receiver", "instances/s", "MB/s", "vs storescp", "instances"],
+                rows,
+            )
+        )
+        # Several associations at once (boldstream only; storescp serves one at a time).
+        par_rows = []
+        files = series["per-slice 90x90x60"]
+        for senders in (1, 4):
+            values = []
+            for _ in range(args.repeats):
+                with _boldstream(root, quickack=True) as (port, _vols, rec):
+                    values.append(len(files) / _send(port, files, nodelay=False, senders=senders))
+                    rec.ingest.wait_idle(60)
+            par_rows.append([str(senders), f"{statistics.median(values):,.0f}"])
+        print(
+            "\nper-slice 90x90x60, default-setting storescu, parallel associations into boldstream\n"
+        )
+        print(table(["associations", "instances/s"], par_rows))
+        lat_rows = [
+            [
+                name,
+                str(len(v)),
+                f"{statistics.median(v):.2f}",
+                f"{_pct(v, 0.95):.2f}",
+                f"{max(v):.2f}",
+            ]
+            for name, v in latency.items()
+            if v
+        ]
+        print("\nassembly latency, last instance of a volume received -> volume ready (ms)\n")
+        print(table(["series", "volumes", "p50", "p95", "max"], lat_rows))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
