@@ -248,9 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     values.append(len(files) / _send(port, files, nodelay=False, senders=senders))
                     rec.ingest.wait_idle(60)
             par_rows.append([str(senders), f"{statistics.median(values):,.0f}"])
-        print(
-            "\nper-slice 90x90x60, default-setting storescu, parallel associations into boldstream\n"
-        )
+        print("\nper-slice 90x90x60, default storescu, parallel associations into boldstream\n")
         print(table(["associations", "instances/s"], par_rows))
         lat_rows = [
             [
