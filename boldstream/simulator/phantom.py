@@ -384,7 +384,17 @@ def make_phantom_run(
     # CSF pulsation: aliased cardiac/respiratory noise, broadband.
     courses[-3] = rng.standard_normal(n_volumes)
     r = network_strength
-    courses[-1] = -r * courses[-2] + math.sqrt(1.0 - r * r) * courses[-1]
+    # The target's own part is made orthogonal to the seed course first, so the
+    # planted pair correlates at exactly -r over this run (independent draws
+    # of a few band-limited samples correlate at +-0.3 by chance, which would
+    # plant a network in a null run).
+    seed_course, own = courses[-2], courses[-1]
+    norm = float(seed_course @ seed_course)
+    if norm > 0:
+        own = own - (own @ seed_course) / norm * seed_course
+        own_std = float(own.std())
+        own = own / own_std if own_std > 0 else own
+    courses[-1] = -r * seed_course + math.sqrt(1.0 - r * r) * own
     courses32 = courses.astype(np.float32)
     params = make_motion(spec, n_volumes=n_volumes, tr_s=tr_s, rng=np.random.default_rng([seed, 3]))
     centre = (grid @ np.array([(n - 1) / 2.0 for n in shape] + [1.0]))[:3]

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from boldstream.simulator.encode import (
+    ENCODINGS,
     ENHANCED_MR_IMAGE_STORAGE,
     MR_IMAGE_STORAGE,
     Encoding,
@@ -71,6 +72,22 @@ class SendReport:
         return sum(n for status, n in self.statuses.items() if status != 0)
 
 
+def _check(options: SendOptions) -> None:
+    """Refuse options that would fail later with a less readable error."""
+    if options.encoding not in ENCODINGS:
+        raise SimulatorError(
+            f"encoding must be one of {', '.join(ENCODINGS)}, not {options.encoding!r}"
+        )
+    if options.associations < 1:
+        raise SimulatorError("associations must be at least 1")
+    if options.pace is not None and not options.pace > 0:
+        raise SimulatorError(f"pace must be a positive speed factor or None, not {options.pace}")
+    if not 0.0 <= options.duplicate_fraction <= 1.0:
+        raise SimulatorError(
+            f"duplicate_fraction must be in [0, 1], not {options.duplicate_fraction}"
+        )
+
+
 def _spec_for(run: PhantomRun, options: SendOptions) -> SeriesSpec:
     return options.spec or SeriesSpec(tr_s=run.tr_s, n_volumes=run.n_volumes)
 
@@ -112,10 +129,11 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
     Raises :class:`SimulatorError` when an association cannot be made or a
     C-STORE gets no answer at all.
     """
-    if options.associations < 1:
-        raise SimulatorError("associations must be at least 1")
-    report = SendReport(series_uid=_spec_for(run, options).series_uid)
+    _check(options)
+    # One spec for the whole send: a fresh one per call would give the report
+    # another series UID than the instances carry.
     spec = _spec_for(run, options)
+    report = SendReport(series_uid=spec.series_uid)
     options = SendOptions(**{**options.__dict__, "spec": spec})
     work: queue.Queue[Dataset | None] = queue.Queue(maxsize=4 * max(1, options.associations) * 64)
     lock = threading.Lock()
@@ -188,6 +206,7 @@ def write_run(
     Files are named ``NNNNNN.dcm`` in that order (``storescu`` sends its
     arguments in order). ``truth.json`` goes beside them.
     """
+    _check(options)
     folder.mkdir(parents=True, exist_ok=True)
     spec = _spec_for(run, options)
     options = SendOptions(**{**options.__dict__, "spec": spec})
