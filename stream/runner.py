@@ -53,7 +53,7 @@ class StageControl:
         self._socket: zmq.Socket[Any] = self._connect()
 
     def _connect(self) -> zmq.Socket[Any]:
-        socket = self._context.socket(zmq.DEALER)
+        socket: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
         socket.linger = 0
         socket.connect(self.address)
         return socket
@@ -204,7 +204,7 @@ class StageProcess(_Runner):
         self.context = context or zmq.Context.instance()
         self.endpoints = {}
         self._control = None
-        mp = multiprocessing.get_context(start_method)
+        mp: Any = multiprocessing.get_context(start_method)
         self._conn, child = mp.Pipe(duplex=False)
         self._process = mp.Process(
             target=_process_main,
@@ -216,7 +216,8 @@ class StageProcess(_Runner):
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        pid: int | None = self._process.pid
+        return pid
 
     def start(self, *, timeout: float = 30.0) -> dict[str, str]:
         """Start the process; return its bound endpoints once it reports them."""
@@ -266,11 +267,12 @@ class StageProcess(_Runner):
         return not self._process.is_alive()
 
     def is_alive(self) -> bool:
-        return self._process.is_alive()
+        return bool(self._process.is_alive())
 
     @property
     def exitcode(self) -> int | None:
-        return self._process.exitcode
+        code: int | None = self._process.exitcode
+        return code
 
 
 # --------------------------------------------------------------------------- chains

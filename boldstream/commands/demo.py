@@ -24,11 +24,12 @@ from boldstream.errors import BoldstreamError
 from boldstream.logs import configure_logging
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.service import Receiver
+from boldstream.receiver.volume import VolumeIncomplete
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.simulator.send import SendOptions, send_run
 from boldstream.sinks import topics
 from boldstream.sinks.dashboard import Dashboard
-from boldstream.stream.messages import Result, VolumeIncomplete
+from boldstream.stream.messages import Result
 from boldstream.stream.pubsub import Subscriber
 
 __all__ = ["parse_matrix", "parse_pace", "register", "run"]
@@ -120,7 +121,6 @@ class _Printer:
         self.missing: list[int] = []
         self.done = threading.Event()
         self._n = n_volumes
-        self._last: dict[str, Any] = {}
         self._sub = Subscriber(context, endpoint, topics=(topics.QC, topics.VOLUME_MISSING))
         self._thread = threading.Thread(target=self._run, name="demo-printer", daemon=True)
         self._stop = threading.Event()
@@ -146,7 +146,6 @@ class _Printer:
                 latency = v.get(topics.QC_LATENCY_MS)
                 if latency is not None:
                     self.latencies.append(float(latency))
-                self._last = v
                 print(
                     f"vol {p.index:4d}  FD {_fmt(v.get('fd_mm'), '5.2f')} mm  "
                     f"DVARS {_fmt(v.get('dvars'), '6.1f')}  "
