@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from boldstream.config import load_settings
 from boldstream.receiver.service import Receiver
@@ -19,7 +19,7 @@ __all__ = ["WAIT_S", "LiveReceiver"]
 #: Bound on every wait for the receiver (never a sleep to let it settle).
 WAIT_S = 15.0
 
-Event = Volume | VolumeIncomplete
+Event: TypeAlias = Volume | VolumeIncomplete
 
 
 class LiveReceiver:
