@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from boldstream.simulator.csa import CSA_CREATOR, CSA_IMAGE_TAG, csa2_header
+from boldstream.simulator.phantom import SimulatorError
 
 __all__ = [
     "ENHANCED_MR_IMAGE_STORAGE",
@@ -102,6 +103,16 @@ class _Geometry:
         col_spacing = float(np.linalg.norm(lps[:3, 0]))
         row_spacing = float(np.linalg.norm(lps[:3, 1]))
         step = lps[:3, 2]
+        if min(col_spacing, row_spacing, float(np.linalg.norm(step))) < 1e-6:
+            raise SimulatorError("vox2ras is singular: a voxel axis has zero length")
+        cosine = float(lps[:3, 0] @ lps[:3, 1]) / (col_spacing * row_spacing)
+        if abs(cosine) > 1e-4:
+            # DICOM's ImageOrientationPatient cannot say it: a receiver
+            # would refuse the header (or, worse, read another grid).
+            raise SimulatorError(
+                f"vox2ras axes 0 and 1 are not perpendicular (cosine {cosine:.4f}); "
+                "DICOM rows and columns must be"
+            )
         return cls(
             row_dir=lps[:3, 0] / col_spacing,
             col_dir=lps[:3, 1] / row_spacing,

@@ -359,8 +359,14 @@ def make_phantom_run(
     """
     if n_volumes < 1:
         raise SimulatorError(f"n_volumes must be at least 1, not {n_volumes}")
-    if tr_s <= 0:
+    if not (math.isfinite(tr_s) and tr_s > 0):
         raise SimulatorError(f"tr_s must be positive, not {tr_s}")
+    if len(shape) != 3 or min(shape) < 1:
+        raise SimulatorError(f"shape must be three positive voxel counts, not {tuple(shape)}")
+    if not (math.isfinite(thermal_sigma) and thermal_sigma >= 0):
+        raise SimulatorError(f"thermal_sigma must be zero or positive, not {thermal_sigma}")
+    if not (math.isfinite(region_radius_mm) and region_radius_mm > 0):
+        raise SimulatorError(f"region_radius_mm must be positive, not {region_radius_mm}")
     if not 0.0 <= network_strength <= 1.0:
         raise SimulatorError(f"network_strength must be in [0, 1], not {network_strength}")
     if isinstance(motion, str):
@@ -372,11 +378,19 @@ def make_phantom_run(
     voxel = _as_triple(voxel_mm)
     head_pose = head_pose if head_pose is not None else HeadPose()
     target = _as_triple(target_mni)
+    if vox2ras is None and not all(math.isfinite(v) and v > 0 for v in voxel):
+        raise SimulatorError(f"voxel_mm must be positive, not {voxel_mm}")
     grid = (
         np.asarray(vox2ras, dtype=np.float64)
         if vox2ras is not None
         else epi_grid(shape, voxel, orientation=orientation)
     )
+    if (
+        grid.shape != (4, 4)
+        or not np.isfinite(grid).all()
+        or abs(np.linalg.det(grid[:3, :3])) < 1e-9
+    ):
+        raise SimulatorError("vox2ras must be a finite, invertible 4x4 affine")
     model = _head_model(int(seed), float(region_radius_mm), target)
     rng = np.random.default_rng([seed, 2])
     n_comp = model.weights.shape[0]
