@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-from boldstream.errors import BoldstreamError, ConfigError
+from boldstream.errors import ConfigError
 from boldstream.sinks.listen import DEFAULT_ENDPOINT, check_endpoint, listen
 
-__all__ = ["main", "register", "run"]
+__all__ = ["register", "run"]
 
 
 def register(sub: Any) -> None:
@@ -80,24 +79,3 @@ def run(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m boldstream.commands.listen``: this command alone, errors as in the CLI."""
-    parser = argparse.ArgumentParser(prog="boldstream")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["listen", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except ConfigError as exc:
-        print(f"boldstream listen: {exc}", file=sys.stderr)
-        return 2
-    except BoldstreamError as exc:
-        print(f"boldstream listen: {exc}", file=sys.stderr)
-        return 1
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

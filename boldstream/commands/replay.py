@@ -15,11 +15,11 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from boldstream.commands.serve import add_settings_arguments, run_alone, settings_from_args
+from boldstream.commands.serve import add_settings_arguments, settings_from_args
 from boldstream.logs import configure_logging
 from boldstream.pipeline.offline import (
     Event,
@@ -30,7 +30,7 @@ from boldstream.pipeline.offline import (
     replay,
 )
 
-__all__ = ["confounds_stem", "main", "register", "run"]
+__all__ = ["confounds_stem", "register", "run"]
 
 _SUB = re.compile(r"sub-([A-Za-z0-9]+)")
 
@@ -106,12 +106,3 @@ def run(args: argparse.Namespace) -> int:
         tsv, _ = entry.table.write(args.out, stem)
         print(_summary(path.name, entry, elapsed, tsv), flush=True)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m boldstream.commands.replay RUN``: this command alone."""
-    return run_alone("replay", register, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from boldstream.config import Settings, load_settings
-from boldstream.errors import BoldstreamError, ConfigError
 from boldstream.logs import configure_logging, get_logger
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.ingest import Emitted
@@ -35,10 +32,8 @@ from boldstream.receiver.volume import Volume
 
 __all__ = [
     "add_settings_arguments",
-    "main",
     "register",
     "run",
-    "run_alone",
     "settings_from_args",
 ]
 
@@ -132,31 +127,3 @@ def run(args: argparse.Namespace) -> int:
         receiver.stop()
         pipeline.stop()
     return 0
-
-
-def run_alone(name: str, register_command: Any, argv: Sequence[str] | None = None) -> int:
-    """Run one command without the others' parsers, with the CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="boldstream")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register_command(sub)
-    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except ConfigError as exc:
-        print(f"boldstream {name}: {exc}", file=sys.stderr)
-        return 2
-    except BoldstreamError as exc:
-        print(f"boldstream {name}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m boldstream.commands.serve``: this command alone, errors as in the CLI."""
-    return run_alone("serve", register, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

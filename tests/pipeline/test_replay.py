@@ -15,7 +15,7 @@ import structlog
 from pipeline_support import phantom, phantom_arrays
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
-from boldstream.commands.replay import main
+from boldstream.cli import main as cli_main
 from boldstream.pipeline.confounds import COLUMNS
 
 pytestmark = pytest.mark.timeout(180)
@@ -55,7 +55,7 @@ def test_replay_writes_confounds_matching_direct_analysis(
 ) -> None:
     nifti = _save_run(tmp_path / "sub-07_bold.nii.gz")
     out = tmp_path / "out"
-    assert main([str(nifti), "--out", str(out)]) == 0
+    assert cli_main(["replay", str(nifti), "--out", str(out)]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"replayed {N} volumes of sub-07_bold.nii.gz in ")
     assert "x real time at TR 2 s" in line
@@ -103,7 +103,18 @@ def test_replay_writes_confounds_matching_direct_analysis(
 def test_dummy_scans_are_na_and_flagged_as_non_steady_state(tmp_path: Path) -> None:
     nifti = _save_run(tmp_path / "run.nii", n=12)
     out = tmp_path / "out"
-    code = main([str(nifti), "--out", str(out), "--subject", "x1", "--set", "motion.dummy_scans=2"])
+    code = cli_main(
+        [
+            "replay",
+            str(nifti),
+            "--out",
+            str(out),
+            "--subject",
+            "x1",
+            "--set",
+            "motion.dummy_scans=2",
+        ]
+    )
     assert code == 0
     rows = _read_tsv(out / "sub-x1_task-rest_desc-confounds_timeseries.tsv")
     assert len(rows) == 12
@@ -125,7 +136,12 @@ def test_replay_of_a_dicom_folder(
         shutil.copy(f, folder / f.name)
     (folder / "README").write_text("not DICOM\n")
     out = tmp_path / "out"
-    assert main([str(folder), "--out", str(out), "--set", "selector.exclude_image_types=[]"]) == 0
+    assert (
+        cli_main(
+            ["replay", str(folder), "--out", str(out), "--set", "selector.exclude_image_types=[]"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("replayed 3 volumes of dicom")
     rows = _read_tsv(out / "sub-01_task-rest_desc-confounds_timeseries.tsv")
     assert len(rows) == 3
@@ -145,7 +161,7 @@ def test_a_bad_path_exits_2_with_one_readable_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make: object, message: str
 ) -> None:
     path = make(tmp_path)  # type: ignore[operator]
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert cli_main(["replay", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("boldstream replay: ") and message in err[0]

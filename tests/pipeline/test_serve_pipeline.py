@@ -1,7 +1,6 @@
 """``serve`` as a real process: storescu sends mosaics, results come out on the XPUB.
 
-Runs the command module itself (``python -m boldstream.commands.serve``), so it
-depends on nothing but serve's own wiring: receiver -> pipeline -> subscribers.
+Runs ``python -m boldstream serve``: receiver -> pipeline -> subscribers.
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ class _Serve:
         argv = [
             sys.executable,
             "-m",
-            "boldstream.commands.serve",
+            "boldstream",
+            "serve",
             "--port",
             "0",
             "--spool",
@@ -56,8 +56,11 @@ class _Serve:
         line = self.proc.stdout.readline()
         assert line.startswith("boldstream listening on 127.0.0.1:"), line
         self.port = int(line.rsplit(":", 1)[1])
-        started = [e for e in self.logs if e.get("event") == "pipeline started"]
-        assert started, self.logs
+        # The log line is read on another thread: wait for it, bounded.
+        deadline = time.monotonic() + 30
+        while not (started := [e for e in self.logs if e.get("event") == "pipeline started"]):
+            assert time.monotonic() < deadline, self.logs
+            time.sleep(0.01)
         self.pub, self.snapshot = started[0]["pub"], started[0]["snapshot"]
 
     def _read(self) -> None:

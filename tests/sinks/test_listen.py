@@ -87,7 +87,7 @@ def wait_for_subscriptions(publisher: Any, n: int) -> None:
 
 
 def listen_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "boldstream.commands.listen", *args]
+    return [sys.executable, "-m", "boldstream", "listen", *args]
 
 
 def publish_scan(publisher: Any) -> int:
