@@ -19,7 +19,7 @@ from boldstream.errors import BoldstreamError, ConfigError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Modules of boldstream.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("serve", "demo", "simulate", "replay", "listen")
+COMMANDS: tuple[str, ...] = ("serve", "demo", "simulate", "replay", "listen", "keys")
 
 
 def build_parser() -> argparse.ArgumentParser:

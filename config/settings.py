@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "AssemblySettings",
+    "DashboardSettings",
     "LoggingSettings",
     "MotionSettings",
+    "OutputsSettings",
+    "PacsSettings",
     "PipelineSettings",
     "QCSettings",
     "ReceiverSettings",
@@ -222,6 +225,18 @@ class PipelineSettings(_Section):
     blas_threads: int = Field(default=1, ge=1)
     #: Messages queued per hop before the sender waits (back-pressure).
     hwm: int = Field(default=32, ge=1)
+    #: CurveZMQ for ``pub`` and ``snapshot``: the server's secret key file
+    #: (``NAME.key_secret`` from ``boldstream keys``); unset: no encryption.
+    curve_secret_key: Path | None = None
+    #: Folder of client public keys (``*.key``) allowed to subscribe; unset:
+    #: any client that knows the server's public key.
+    curve_authorized_keys: Path | None = None
+
+    @model_validator(mode="after")
+    def _curve(self) -> PipelineSettings:
+        if self.curve_authorized_keys is not None and self.curve_secret_key is None:
+            raise ValueError("curve_authorized_keys needs curve_secret_key")
+        return self
 
     @field_validator("pub", "snapshot")
     @classmethod
@@ -229,6 +244,81 @@ class PipelineSettings(_Section):
         if v and not re.match(r"^(tcp|ipc|inproc)://\S+$", v):
             raise ValueError("a ZeroMQ address like tcp://127.0.0.1:11120 or ipc:///run/bs.sock")
         return v
+
+
+class DashboardSettings(_Section):
+    """The technician's live dashboard that ``serve`` starts (docs/dashboard.md)."""
+
+    enabled: bool = True
+    #: Address the page is served on; the console's LAN address to show it on
+    #: another screen (there is no login: trusted networks only).
+    host: str = "127.0.0.1"
+    #: HTTP port; 0 picks a free port (tests).
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Host names pages may use besides IP literals, localhost and this
+    #: machine's own names (a DNS alias of the console).
+    allowed_hosts: tuple[str, ...] = ()
+
+
+class OutputsSettings(_Section):
+    """The BIDS-derivatives files ``serve`` writes while the scan runs (docs/results.md)."""
+
+    #: Derivatives folder; unset: ``derivatives`` beside the spool folder.
+    dir: Path | None = None
+    #: BIDS subject label (letters and digits); empty: from the pseudonymous
+    #: session key of each series, never from a patient identifier.
+    subject: str = ""
+    #: BIDS task label of the files.
+    task: str = "rest"
+    #: Also write the target for neuronavigation (Brainsight, Localite).
+    exports: bool = True
+
+    @field_validator("subject", "task")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9]*", v):
+            raise ValueError("a BIDS label has letters and digits only")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if not v:
+            raise ValueError("the task label cannot be empty")
+        return v
+
+
+class PacsSettings(_Section):
+    """Sending the connectivity map and target back to PACS (docs/results.md)."""
+
+    #: The PACS' address; empty: nothing is sent.
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    #: The PACS' AE title (required with ``host``).
+    called_ae: str = ""
+    #: Our AE title when sending.
+    calling_ae: str = "BOLDSTREAM"
+    #: Bound on connecting, association and each C-STORE reply (s).
+    timeout_s: float = Field(default=30.0, gt=0)
+    #: Once per series: the last target at its end ("series-end"), or the
+    #: first target whose status is stable ("stable").
+    when: Literal["series-end", "stable"] = "series-end"
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("called_ae")
+    @classmethod
+    def _called(cls, v: str) -> str:
+        return _check_ae_title(v) if v else v
+
+    @model_validator(mode="after")
+    def _peer(self) -> PacsSettings:
+        if self.host and not self.called_ae:
+            raise ValueError("called_ae (the PACS' AE title) is needed with host")
+        return self
 
 
 class LoggingSettings(_Section):
@@ -247,6 +337,9 @@ class Settings(_Section):
     motion: MotionSettings = MotionSettings()
     qc: QCSettings = QCSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    outputs: OutputsSettings = OutputsSettings()
+    pacs: PacsSettings = PacsSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

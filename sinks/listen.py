@@ -25,6 +25,7 @@ import zmq
 from boldstream.errors import ConfigError
 from boldstream.receiver.volume import VolumeIncomplete
 from boldstream.stream.codec import MessageError, decode
+from boldstream.stream.curve import CurveClient
 from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, SeriesStart
 
 __all__ = ["DEFAULT_ENDPOINT", "check_endpoint", "describe", "json_line", "listen"]
@@ -185,17 +186,21 @@ def listen(
     count: int | None = None,
     context: zmq.Context[Any] | None = None,
     on_error: Callable[[str], None] | None = None,
+    curve: CurveClient | None = None,
 ) -> int:
     """Print each message from ``endpoint`` to ``out`` until ``count`` or Ctrl-C.
 
     ``topics`` are prefixes to subscribe to (none: everything). Returns the
     number of messages printed. A message that cannot be decoded is reported
-    through ``on_error`` and skipped.
+    through ``on_error`` and skipped. ``curve``: connect as a CurveZMQ client
+    (a CURVE publisher sends nothing to a subscriber without its public key).
     """
     check_endpoint(endpoint)
     ctx = context if context is not None else zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0
+    if curve is not None:
+        curve.apply(sub)
     try:
         for topic in topics or ("",):
             sub.subscribe(topic.encode())

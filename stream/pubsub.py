@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from boldstream.stream.codec import decode, encode
+from boldstream.stream.curve import CurveClient
 from boldstream.stream.messages import Message
 
 __all__ = ["Publisher", "Subscriber"]
@@ -87,7 +88,11 @@ class Publisher:
 
 
 class Subscriber:
-    """A SUB socket that decodes messages and counts the ones it missed."""
+    """A SUB socket that decodes messages and counts the ones it missed.
+
+    ``curve``: connect as a CurveZMQ client (a publisher that is a CURVE
+    server sends nothing to a subscriber without its public key).
+    """
 
     def __init__(
         self,
@@ -96,10 +101,13 @@ class Subscriber:
         *,
         topics: tuple[str, ...] = ("",),
         rcvhwm: int = 100,
+        curve: CurveClient | None = None,
     ) -> None:
         self.socket = context.socket(zmq.SUB)
         self.socket.linger = 0
         self.socket.rcvhwm = rcvhwm
+        if curve is not None:
+            curve.apply(self.socket)
         for topic in topics:
             self.socket.subscribe(topic.encode())
         self.socket.connect(address)

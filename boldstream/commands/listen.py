@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from boldstream.errors import ConfigError
 from boldstream.sinks.listen import DEFAULT_ENDPOINT, check_endpoint, listen
+from boldstream.stream.curve import CurveClient
 
 __all__ = ["register", "run"]
 
@@ -49,6 +51,20 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--count", type=int, metavar="N", help="exit after N messages (default: run until Ctrl-C)"
     )
+    p.add_argument(
+        "--server-key",
+        type=Path,
+        metavar="FILE",
+        help="the publisher's CurveZMQ public key file (NAME.key from 'boldstream keys'); "
+        "needed when the pipeline runs with pipeline.curve_secret_key",
+    )
+    p.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        help="our own CurveZMQ key pair (NAME.key_secret), when the pipeline only lets "
+        "listed clients in (pipeline.curve_authorized_keys); default: a throw-away pair",
+    )
     p.set_defaults(func=run)
 
 
@@ -56,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     check_endpoint(args.endpoint)
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
+    if args.client_key is not None and args.server_key is None:
+        raise ConfigError("--client-key needs --server-key (the publisher's public key)")
+    curve = None
+    if args.server_key is not None:
+        curve = CurveClient.from_files(args.server_key, args.client_key)
     print(f"listening to {args.endpoint}", file=sys.stderr, flush=True)
 
     def warn(text: str) -> None:
@@ -69,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raw_json=args.raw_json,
             count=args.count,
             on_error=warn,
+            curve=curve,
         )
     except KeyboardInterrupt:
         return 0

@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,7 @@ from boldstream.pipeline.journal import Journal
 from boldstream.pipeline.snapshot import SeriesView, Snapshot
 from boldstream.pipeline.stages import (
     CHECKPOINT,
+    CORRECTED,
     INTERNAL_PREFIX,
     SKIPPED,
     stage_options,
@@ -61,6 +63,7 @@ from boldstream.pipeline.stages import (
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
 from boldstream.sinks import topics
 from boldstream.stream.codec import MessageError, decode, encode
+from boldstream.stream.curve import CurveClient, CurveServer
 from boldstream.stream.messages import (
     Gap,
     Message,
@@ -80,6 +83,8 @@ Mode = Literal["thread", "process"]
 Runner = StageThread | StageProcess
 Key = tuple[str, str]
 Submitted = Volume | VolumeIncomplete | SeriesEnd
+#: An in-process consumer of the hub's messages (:meth:`Pipeline.add_consumer`).
+Consumer = Callable[[Message], None]
 
 _STAGES = ("motion", "qc")
 _FACTORIES = {
@@ -134,6 +139,9 @@ class Pipeline:
         self._dead: set[str] = set()
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._hub: _Hub | None = None
+        self._consumers: list[Consumer] = []
+        #: CurveZMQ server of ``pub``/``snapshot`` (``pipeline.curve_secret_key``), set by start().
+        self.curve: CurveServer | None = None
         self._hub_thread: threading.Thread | None = None
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -172,6 +180,8 @@ class Pipeline:
         else:
             results = f"inproc://pipeline-{self._tag}-results"
         options = stage_options(self.settings, checkpoint_dir=checkpoint_dir)
+        if self._consumers:  # they get the corrected volumes too
+            options["qc"]["forward_corrected"] = True
         configs = []
         for name in _STAGES:
             pull = f"ipc://{self._ipc_dir}/{name}-in" if process else None
@@ -186,13 +196,19 @@ class Pipeline:
                     control=control,
                 )
             )
-        hub = _Hub(self, results_address=results, stateful=_STAGES if process else ())
+        self._start_curve()
+        try:
+            hub = _Hub(self, results_address=results, stateful=_STAGES if process else ())
+        except BaseException:
+            self._stop_curve()
+            raise
         try:
             chain = start_chain(
                 configs, output=results, mode=self.mode, context=self.context, timeout=timeout
             )
         except BaseException:
             hub.close()
+            self._stop_curve()
             self._cleanup_dirs()
             raise
         self._runners = list(chain.stages)
@@ -239,6 +255,7 @@ class Pipeline:
                     self.log.warning("stage did not stop cleanly", error=str(exc))
         if self._hub is not None:
             self._hub.close()
+        self._stop_curve()
         with self._submit_lock:
             for s in self._submit_sockets:
                 s.close(linger=0)
@@ -255,11 +272,42 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _start_curve(self) -> None:
+        p = self.settings.pipeline
+        if p.curve_secret_key is None:
+            return
+        self.curve = CurveServer(p.curve_secret_key, authorized=p.curve_authorized_keys)
+        self.curve.start(self.context)
+
+    def _stop_curve(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
+
+    def subscriber_curve(self) -> CurveClient | None:
+        """CURVE keys for a subscriber in this process (the dashboard); None without CURVE."""
+        return None if self.curve is None else self.curve.client()
+
     def _cleanup_dirs(self) -> None:
         if self._own_ipc_dir and self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ in-process consumers
+
+    def add_consumer(self, consumer: Consumer) -> None:
+        """Hand ``consumer`` every message the hub publishes, and the internal results.
+
+        Call before :meth:`start`. Besides each published message, the consumer
+        gets each corrected volume (``pipeline.corrected``: array ``data``,
+        affine ``vox2ras``) and each volume not analysed (``pipeline.skipped``)
+        once, in the order the hub sees them. It is called on the hub thread:
+        it must only hand the message over (to a queue) and return, and must
+        not change it. An exception in it is logged and does not stop the hub.
+        """
+        if self.started:
+            raise StreamError("add consumers before the pipeline starts")
+        self._consumers.append(consumer)
 
     # ------------------------------------------------------------------ the receiver side
 
@@ -444,6 +492,8 @@ class _Hub:
             self.results.rcvhwm = p.hwm
             self.results.bind(results_address)
             xpub = self._socket(zmq.XPUB)
+            if owner.curve is not None:
+                owner.curve.apply(xpub)
             self.publisher = Publisher(xpub, name="pipeline", sndhwm=1000)
             xpub.bind(p.pub)
             self.pub_endpoint = _last_endpoint(xpub)
@@ -451,6 +501,8 @@ class _Hub:
             self.snapshot_endpoint = ""
             if p.snapshot:
                 self.router = self._socket(zmq.ROUTER)
+                if owner.curve is not None:
+                    owner.curve.apply(self.router)
                 self.router.bind(p.snapshot)
                 self.snapshot_endpoint = _last_endpoint(self.router)
         except zmq.ZMQError as exc:
@@ -684,6 +736,13 @@ class _Hub:
             if index is not None and index not in state.done:
                 state.view.counts["skipped"] += 1
                 self._finish(state, key, index)
+                self._tap(message)
+            return
+        if p.topic == CORRECTED:
+            seen = state.published.setdefault(CORRECTED, set())
+            if index is not None and index not in seen:
+                seen.add(index)
+                self._tap(message)
             return
         if p.topic.startswith(INTERNAL_PREFIX):
             return
@@ -741,6 +800,14 @@ class _Hub:
     def _publish(self, message: Message) -> None:
         self.publisher.publish(message)
         self.stats["published"] += 1
+        self._tap(message)
+
+    def _tap(self, message: Message) -> None:
+        for consumer in self.owner._consumers:
+            try:
+                consumer(message)
+            except Exception:
+                self.log.exception("pipeline consumer failed", topic=message.topic)
 
     def _answer_snapshots(self) -> None:
         assert self.router is not None

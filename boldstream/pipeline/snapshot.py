@@ -31,6 +31,7 @@ import zmq
 
 from boldstream.errors import StreamError
 from boldstream.receiver.volume import SeriesInfo
+from boldstream.stream.curve import CurveClient
 
 __all__ = ["SeriesView", "Snapshot", "request_snapshot"]
 
@@ -127,12 +128,21 @@ class Snapshot:
 
 
 def request_snapshot(
-    endpoint: str, *, timeout: float = 2.0, context: zmq.Context[Any] | None = None
+    endpoint: str,
+    *,
+    timeout: float = 2.0,
+    context: zmq.Context[Any] | None = None,
+    curve: CurveClient | None = None,
 ) -> dict[str, Any]:
-    """Ask a pipeline's snapshot endpoint for the current state (StreamError on timeout)."""
+    """Ask a pipeline's snapshot endpoint for the current state (StreamError on timeout).
+
+    ``curve``: the client keys when the endpoint is a CurveZMQ server.
+    """
     ctx = context or zmq.Context.instance()
     socket = ctx.socket(zmq.REQ)
     socket.linger = 0
+    if curve is not None:
+        curve.apply(socket)
     try:
         socket.connect(endpoint)
         socket.send(b"snapshot")
