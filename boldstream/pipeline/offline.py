@@ -5,7 +5,9 @@ The very same :class:`~boldstream.pipeline.stages.MotionStage` and
 after another in this thread, behind the same reorder buffer
 (:class:`~boldstream.stream.ordering.Orderer`) the live pipeline uses; no
 sockets, no encoding. Volumes come from a 4D NIfTI or a folder of DICOM files
-(decoded and assembled by the receiver's own code).
+(decoded and assembled by the receiver's own code). With a
+:class:`~boldstream.sinks.bids.BidsSink`, every result (and every corrected
+volume) goes into it, so a replay writes the very files ``serve`` writes.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import pydicom
 
 from boldstream.config.settings import Settings
 from boldstream.errors import BoldstreamError, DicomInputError
-from boldstream.pipeline.confounds import ConfoundsTable
-from boldstream.pipeline.stages import MotionStage, QCStage, stage_options
+from boldstream.pipeline.stages import SKIPPED, MotionStage, QCStage, stage_options
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import decode_instance
 from boldstream.receiver.selector import SeriesSelector
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
-from boldstream.stream.messages import Message, Result, SeriesEnd, series_key
+from boldstream.sinks import topics
+from boldstream.sinks.bids import BidsSink, SeriesFiles
+from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, series_key
 from boldstream.stream.ordering import Orderer
 
 __all__ = ["ReplayError", "SeriesReplay", "dicom_volumes", "nifti_volumes", "replay"]
@@ -42,12 +45,22 @@ class ReplayError(BoldstreamError, ValueError):
 
 @dataclass
 class SeriesReplay:
-    """What one series produced."""
+    """What one series produced (the files, when a sink was given, say the rest)."""
 
     info: SeriesInfo
-    table: ConfoundsTable
     volumes: int = 0
-    messages: list[Message] = field(default_factory=list)
+    #: ``qc`` values per volume index.
+    qc: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: Volumes left out of the analysis (dummy scans, failures): index -> reason.
+    skipped: dict[int, str] = field(default_factory=dict)
+    #: Volumes that never came (gaps in the series).
+    gaps: set[int] = field(default_factory=set)
+    #: Where the sink wrote this series' files (None without a sink).
+    files: SeriesFiles | None = None
+
+    def outliers(self) -> list[int]:
+        """Volumes the QC called outliers (FD, std_DVARS, untrusted motion)."""
+        return sorted(i for i, v in self.qc.items() if v.get("outlier"))
 
 
 def nifti_volumes(path: Path, *, tr_s: float | None = None) -> tuple[SeriesInfo, Iterator[Volume]]:
@@ -139,11 +152,17 @@ def dicom_volumes(folder: Path, settings: Settings) -> Iterator[Event]:
     yield from assembler.expire(time.time() + 1e6)
 
 
-def replay(events: Iterable[Event], settings: Settings) -> dict[tuple[str, str], SeriesReplay]:
-    """Run ``events`` through the orderer, motion and QC; results per series."""
+def replay(
+    events: Iterable[Event], settings: Settings, *, sink: BidsSink | None = None
+) -> dict[tuple[str, str], SeriesReplay]:
+    """Run ``events`` through the orderer, motion and QC; results per series.
+
+    With ``sink``, every message goes into it as ``serve`` feeds it: results,
+    gaps, the corrected volumes and each series' end (which finishes its files).
+    """
     options = stage_options(settings, checkpoint_dir=None)
     motion = MotionStage(**options["motion"])
-    qc = QCStage(**options["qc"])
+    qc = QCStage(**options["qc"], forward_corrected=sink is not None)
     p = settings.pipeline
     orderer = Orderer(timeout_s=p.order_timeout_s, max_pending=p.order_max_pending)
     out: dict[tuple[str, str], SeriesReplay] = {}
@@ -155,18 +174,22 @@ def replay(events: Iterable[Event], settings: Settings) -> dict[tuple[str, str],
         key = series_key(series)
         entry = out.get(key)
         if entry is None:
-            tr = series.tr_s or settings.qc.default_tr_s
-            entry = out[key] = SeriesReplay(series, ConfoundsTable(tr_s=tr))
+            files = None if sink is None else sink.files_for(series)
+            entry = out[key] = SeriesReplay(series, files=files)
         if isinstance(message.payload, Volume):
             entry.volumes += 1
         for m in motion.process(message):
             for r in qc.process(m):
                 payload = r.payload
-                if isinstance(payload, Result):
-                    entry.table.add(payload.topic, payload.index, payload.values)
-                elif r.kind == "gap":
-                    entry.table.add("gap", r.index, {})
-                entry.messages.append(r)
+                if isinstance(payload, Result) and payload.index is not None:
+                    if payload.topic == topics.QC:
+                        entry.qc[payload.index] = dict(payload.values)
+                    elif payload.topic == SKIPPED:
+                        entry.skipped[payload.index] = str(payload.values.get("reason", ""))
+                elif isinstance(payload, Gap):
+                    entry.gaps.add(payload.index)
+                if sink is not None:
+                    sink.handle(r)
 
     last: dict[tuple[str, str], SeriesInfo] = {}
     for event in events:

@@ -1,4 +1,7 @@
-"""``boldstream replay``: a phantom run saved as NIfTI, and real DICOM mosaics."""
+"""``boldstream replay``: a phantom run saved as NIfTI, and real DICOM mosaics.
+
+Replay writes through the files sink serve uses (BIDS derivatives layout).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pipeline_support import phantom, phantom_arrays
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
 from boldstream.cli import main as cli_main
-from boldstream.pipeline.confounds import COLUMNS
+from boldstream.sinks.bids import BASE_COLUMNS as COLUMNS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,7 +62,12 @@ def test_replay_writes_confounds_matching_direct_analysis(
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"replayed {N} volumes of sub-07_bold.nii.gz in ")
     assert "x real time at TR 2 s" in line
-    tsv = out / "sub-07_task-rest_desc-confounds_timeseries.tsv"
+    func = out / "sub-07" / "func"
+    tsv = func / "sub-07_task-rest_desc-confounds_timeseries.tsv"
+    assert line.endswith(f"wrote {tsv}")
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == (
+        "derivative"
+    )
     rows = _read_tsv(tsv)
     assert len(rows) == N
     assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS)
@@ -70,8 +78,13 @@ def test_replay_writes_confounds_matching_direct_analysis(
     corrector = MotionCorrector(vols[0], vox2ras)
     acc = QCAccumulator(foreground_mask(vols[0]), tr_s=2.0)
     outliers = []
+    bold = nib.load(func / "sub-07_task-rest_desc-preproc_bold.nii.gz")
+    assert bold.shape == (*vols[0].shape, N)
+    np.testing.assert_allclose(bold.affine, vox2ras, atol=1e-5)
+    corrected = np.asarray(bold.dataobj)
     for i, vol in enumerate(vols):
         est = corrector.register(vol)
+        np.testing.assert_allclose(corrected[..., i], est.corrected, rtol=1e-5, atol=1e-3)
         frame = acc.update(est.corrected, est.params, usable=not est.flagged)
         got = [float(rows[i][c]) for c in COLUMNS[:6]]
         np.testing.assert_allclose(got, est.params, rtol=1e-8, atol=1e-12)
@@ -92,12 +105,16 @@ def test_replay_writes_confounds_matching_direct_analysis(
     for column, index in zip(flags, outliers, strict=True):
         assert [r[column] for r in rows] == ["1" if i == index else "0" for i in range(N)]
 
-    sidecar = json.loads((out / "sub-07_task-rest_desc-confounds_timeseries.json").read_text())
+    sidecar = json.loads((func / "sub-07_task-rest_desc-confounds_timeseries.json").read_text())
     assert sidecar["trans_x"]["Units"] == "mm"
     assert sidecar["rot_z"]["Units"] == "rad"
     assert sidecar["framewise_displacement"]["Units"] == "mm"
-    assert sidecar["RepetitionTime"] == 2.0
     assert set(rows[0]) <= set(sidecar)
+    bold_sidecar = json.loads((func / "sub-07_task-rest_desc-preproc_bold.json").read_text())
+    assert bold_sidecar["RepetitionTime"] == 2.0
+    assert bold_sidecar["NumberOfVolumes"] == N
+    assert (func / "sub-07_task-rest_desc-tsnr_boldmap.nii.gz").exists()
+    assert not (func / "sub-07_task-rest_desc-preproc_bold.nii").exists()
 
 
 def test_dummy_scans_are_na_and_flagged_as_non_steady_state(tmp_path: Path) -> None:
@@ -116,7 +133,7 @@ def test_dummy_scans_are_na_and_flagged_as_non_steady_state(tmp_path: Path) -> N
         ]
     )
     assert code == 0
-    rows = _read_tsv(out / "sub-x1_task-rest_desc-confounds_timeseries.tsv")
+    rows = _read_tsv(out / "sub-x1" / "func" / "sub-x1_task-rest_desc-confounds_timeseries.tsv")
     assert len(rows) == 12
     assert all(rows[i][c] == "n/a" for i in (0, 1) for c in COLUMNS)
     assert [r["non_steady_state_outlier00"] for r in rows][:3] == ["1", "0", "0"]
@@ -143,7 +160,8 @@ def test_replay_of_a_dicom_folder(
         == 0
     )
     assert capsys.readouterr().out.startswith("replayed 3 volumes of dicom")
-    rows = _read_tsv(out / "sub-01_task-rest_desc-confounds_timeseries.tsv")
+    (tsv,) = (out / "sub-01" / "func").glob("sub-01_task-rest*_desc-confounds_timeseries.tsv")
+    rows = _read_tsv(tsv)
     assert len(rows) == 3
     assert rows[0]["framewise_displacement"] == "n/a"
     assert all(_num(r["trans_x"]) is not None for r in rows)
