@@ -251,13 +251,16 @@ class DashboardSettings(_Section):
 
     enabled: bool = True
     #: Address the page is served on; the console's LAN address to show it on
-    #: another screen (there is no login: trusted networks only).
+    #: another screen (any address but loopback needs ``token_file``).
     host: str = "127.0.0.1"
     #: HTTP port; 0 picks a free port (tests).
     port: int = Field(default=8080, ge=0, le=65535)
     #: Host names pages may use besides IP literals, localhost and this
     #: machine's own names (a DNS alias of the console).
     allowed_hosts: tuple[str, ...] = ()
+    #: File holding the secret token every request but /healthz must carry
+    #: (16+ URL-safe characters); required when ``host`` is not loopback.
+    token_file: Path | None = None
 
 
 class OutputsSettings(_Section):

@@ -18,18 +18,29 @@ Only GET and HEAD are served, static files come from a fixed table (no path
 is ever joined from a request), each response carries a strict
 Content-Security-Policy, the Host header must name this machine (a defence
 against DNS rebinding), and the default address is 127.0.0.1.
+
+Token authentication: bound to any address other than loopback, the
+dashboard refuses to start without a ``token``. With a token, every request
+but ``/healthz`` must carry it: ``?token=`` in the URL (once: the reply sets
+an HttpOnly, SameSite=Strict cookie, and the page itself is redirected to a
+URL without the token), the ``boldstream_token`` cookie, or an
+``Authorization: Bearer`` header (scripts, Prometheus); others get 401.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+import os
 import queue
+import re
 import socket
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any, ClassVar
 
 import zmq
@@ -41,9 +52,10 @@ from boldstream.sinks import topics
 from boldstream.sinks.dashboard import metrics
 from boldstream.sinks.dashboard.state import DashboardState, to_json
 from boldstream.stream.codec import MessageError
+from boldstream.stream.curve import CurveClient
 from boldstream.stream.pubsub import Subscriber
 
-__all__ = ["Dashboard", "DashboardError"]
+__all__ = ["TOKEN_COOKIE", "Dashboard", "DashboardError", "read_token_file"]
 
 log = get_logger("dashboard")
 
@@ -67,9 +79,45 @@ _CSP = (
 
 _MAX_EVENT_STREAMS = 32
 
+#: The cookie that carries the token after the first ``?token=`` visit.
+TOKEN_COOKIE = "boldstream_token"
+#: Paths served without a token (health checks of a service manager or container).
+_OPEN_PATHS = frozenset({"/healthz"})
+#: URL-safe characters only (it travels in URLs and cookies); 16 at least.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,256}$")
+
 
 class DashboardError(SinkError):
     """The dashboard could not start (address in use, bad endpoint...)."""
+
+
+def _check_token(token: str) -> str:
+    if not _TOKEN_RE.match(token):
+        raise DashboardError(
+            "the dashboard token must be 16-256 URL-safe characters (A-Z a-z 0-9 . _ ~ -); "
+            'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+    return token
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token in ``path`` (surrounding whitespace ignored); DashboardError if unusable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DashboardError(f"cannot read the dashboard token file {str(path)!r}: {exc}") from None
+    if not text:
+        raise DashboardError(f"the dashboard token file {str(path)!r} is empty")
+    return _check_token(text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -98,6 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
     # an event stream whose page stops reading is dropped after it too.
     timeout = 10.0
     protocol_version = "HTTP/1.0"
+    #: Set-Cookie value to send with the response (a valid ``?token=`` came in).
+    _cookie: str | None = None
     _routes: ClassVar[dict[str, str]] = {
         "/events": "_events",
         "/api/snapshot": "_snapshot",
@@ -145,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _security_headers(self) -> None:
+        if self._cookie is not None:
+            self.send_header("Set-Cookie", self._cookie)
         self.send_header("Content-Security-Policy", _CSP)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
@@ -156,6 +208,53 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _presented_token(self) -> tuple[str | None, bool]:
+        """(token the request carries, whether it came in the URL)."""
+        query = self.path.split("?", 1)[1] if "?" in self.path else ""
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if name == "token" and value:
+                return value, True
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip(), False
+        for item in self.headers.get("Cookie", "").split(";"):
+            name, _, value = item.strip().partition("=")
+            if name == TOKEN_COOKIE and value:
+                return value, False
+        return None, False
+
+    def _authorized(self, path: str) -> bool:
+        """True if the request may go on; otherwise a 401 or redirect has been sent."""
+        token = self.server.dashboard.token
+        if token is None or path in _OPEN_PATHS:
+            return True
+        presented, in_url = self._presented_token()
+        if presented is None or not hmac.compare_digest(presented.encode(), token.encode()):
+            self.send_response(HTTPStatus.UNAUTHORIZED)
+            body = b"unauthorized: open the dashboard's URL with ?token=...\n"
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("WWW-Authenticate", 'Bearer realm="boldstream"')
+            self._security_headers()
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return False
+        if in_url:
+            self._cookie = f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+            if path == "/":
+                # Take the token out of the address bar (and of the history).
+                self.send_response(HTTPStatus.SEE_OTHER)
+                self.send_header("Location", "/")
+                self.send_header("Content-Length", "0")
+                self.send_header("Cache-Control", "no-store")
+                self._security_headers()
+                self.end_headers()
+                return False
+        return True
+
     def do_GET(self) -> None:
         if not self._host_allowed():
             self._send(
@@ -165,6 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         path = self.path.split("?", 1)[0]
+        self._cookie = None
+        if not self._authorized(path):
+            return
         static = self.server.dashboard.static.get(path)
         if static is not None:
             body, ctype = static
@@ -246,6 +348,11 @@ class Dashboard:
     ``allowed_hosts`` adds host names that pages may use in URLs besides IP
     literals, ``localhost`` and this machine's own names. ``context`` is a
     ZeroMQ context to use (default: one of its own, ended by :meth:`stop`).
+
+    ``token``: the secret every request but ``/healthz`` must carry (see the
+    module docstring). ``require_token``: refuse to start without one; the
+    default (None) requires it when ``host`` is not a loopback address.
+    ``curve``: subscribe as a CurveZMQ client (``pipeline.curve_secret_key``).
     """
 
     def __init__(
@@ -258,9 +365,22 @@ class Dashboard:
         allowed_hosts: tuple[str, ...] = (),
         state: DashboardState | None = None,
         context: zmq.Context[Any] | None = None,
+        token: str | None = None,
+        require_token: bool | None = None,
+        curve: CurveClient | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
+        if require_token is None:
+            require_token = not _is_loopback(host)
+        if token is None and require_token:
+            raise DashboardError(
+                f"the dashboard binds to {host}, which is not a loopback address: it needs a "
+                "token (dashboard.token_file: a file holding a secret of 16+ URL-safe "
+                "characters) or a loopback bind address"
+            )
+        self.token = None if token is None else _check_token(token)
+        self.curve = curve
         self.pub_endpoint = pub_endpoint
         self.host = host
         self.heartbeat_s = float(heartbeat_s)
@@ -365,7 +485,11 @@ class Dashboard:
         assert self._context is not None
         try:
             sub = Subscriber(
-                self._context, self.pub_endpoint, topics=topics.DASHBOARD_TOPICS, rcvhwm=1000
+                self._context,
+                self.pub_endpoint,
+                topics=topics.DASHBOARD_TOPICS,
+                rcvhwm=1000,
+                curve=self.curve,
             )
         except zmq.ZMQError as exc:
             self._sub_error = exc
