@@ -1,8 +1,11 @@
 """Run ``boldstream serve`` as a real process for end-to-end tests.
 
 The process prints ``boldstream listening on HOST:PORT`` on stdout once
-ready and logs JSON lines on stderr (not a terminal); a reader thread
-collects them so tests can wait for specific events with a bounded timeout.
+ready, then ``dashboard on URL`` (unless ``dashboard.enabled=false``), and
+logs JSON lines on stderr (not a terminal); a reader thread collects them so
+tests can wait for specific events with a bounded timeout. Every port is
+ephemeral: the receiver's, the result and snapshot endpoints', the
+dashboard's (``extra`` may override them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ from pathlib import Path
 from typing import Any
 
 _LISTENING = re.compile(r"boldstream listening on (\S+):(\d+)")
+_DASHBOARD = re.compile(r"dashboard on (http://\S+)")
+
+#: Free ports only, so that tests run beside each other and beside a real serve.
+EPHEMERAL = (
+    "--set",
+    "pipeline.pub=tcp://127.0.0.1:*",
+    "--set",
+    "pipeline.snapshot=tcp://127.0.0.1:*",
+    "--set",
+    "dashboard.port=0",
+)
 
 
 class ServeProcess:
@@ -36,6 +50,7 @@ class ServeProcess:
             "0",
             "--spool",
             str(spool),
+            *EPHEMERAL,
             *extra,
         ]
         self.proc = subprocess.Popen(
@@ -59,6 +74,14 @@ class ServeProcess:
                 f"serve did not start: {line!r} {''.join(self.raw_stderr)[-2000:]}"
             )
         self.port = int(match.group(2))
+        self.dashboard_url: str | None = None
+        if "dashboard.enabled=false" not in extra:
+            line = self.proc.stdout.readline()
+            found = _DASHBOARD.search(line)
+            if not found:
+                self.kill()
+                raise AssertionError(f"serve printed no dashboard line: {line!r}")
+            self.dashboard_url = found.group(1)
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None

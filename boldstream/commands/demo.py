@@ -22,6 +22,7 @@ from boldstream.commands.serve import add_settings_arguments
 from boldstream.config import load_settings
 from boldstream.errors import BoldstreamError
 from boldstream.logs import configure_logging
+from boldstream.outputs import start_dashboard
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.volume import VolumeIncomplete
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             {"pipeline": {"pub": "tcp://127.0.0.1:*", "snapshot": "tcp://127.0.0.1:*"}},
             *args.overrides,
             {"receiver": {"port": 0, "spool_dir": str(spool)}},
+            {"dashboard": {"host": "127.0.0.1", "port": args.dashboard_port}},
         ],
     )
     configure_logging(level="warning", json=False)
@@ -196,8 +198,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipeline.start()
         receiver.start()
-        dashboard = Dashboard(pipeline.pub_endpoint, port=args.dashboard_port, context=context)
-        dashboard.start()
+        dashboard = start_dashboard(pipeline, settings.dashboard, context=context)
         printer = _Printer(context, pipeline.pub_endpoint, args.volumes)
         printer.start()
         print(f"boldstream listening on 127.0.0.1:{receiver.port}", flush=True)

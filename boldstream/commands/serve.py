@@ -9,10 +9,20 @@ endpoint (``pipeline.pub``), with a snapshot endpoint for late joiners
 receiver's own Python work then do not share one interpreter lock) or as
 threads (``--set pipeline.mode=thread``).
 
+Beside the pipeline, in this process (:mod:`boldstream.outputs`): the
+dashboard (``[dashboard]``, subscribed to the result publisher), the files
+(``[outputs]``: BIDS derivatives, fed every message of the pipeline's hub
+including the corrected volumes, on a thread of their own) and, when
+``pacs.host`` is set, the target sent back to PACS (on another thread).
+
 Start order: the receiver first (a port already in use fails at once), then
-the pipeline; the ready line is printed once both run. Stop order: the
-receiver stops listening and drains what it accepted into the pipeline, then
-the pipeline publishes what it holds (bounded wait) and stops its stages.
+the pipeline and its outputs; the ready line (``boldstream listening on
+HOST:PORT``) is printed once they all run, then ``dashboard on URL``. Stop
+order (SIGTERM, Ctrl-C): the receiver stops listening and drains what it
+accepted into the pipeline; every series it fed ends (``series-end``, reason
+``shutdown``: its files are finished, its target sent); the pipeline publishes
+what it holds (bounded wait) and stops its stages; the outputs write what is
+queued and close; the dashboard stops last.
 """
 
 from __future__ import annotations
@@ -20,15 +30,19 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from boldstream.config import Settings, load_settings
 from boldstream.logs import configure_logging, get_logger
+from boldstream.outputs import FilesOutput, PacsExport, outputs_dir, start_dashboard
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.ingest import Emitted
 from boldstream.receiver.service import Receiver
-from boldstream.receiver.volume import Volume
+from boldstream.receiver.volume import SeriesInfo, Volume
+from boldstream.sinks.dashboard import Dashboard
+from boldstream.stream.messages import SeriesEnd, series_key
 
 __all__ = [
     "add_settings_arguments",
@@ -81,8 +95,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _emit_to(pipeline: Pipeline, log: Any) -> Any:
-    """The receiver's ``emit``: log each volume, hand it to the pipeline."""
+def _emit_to(pipeline: Pipeline, log: Any, fed: dict[tuple[str, str], SeriesInfo]) -> Any:
+    """The receiver's ``emit``: log each volume, hand it to the pipeline.
+
+    ``fed`` collects the series handed over, to end them when serve stops.
+    """
 
     def emit(event: Emitted) -> None:
         if isinstance(event, Volume):
@@ -93,6 +110,7 @@ def _emit_to(pipeline: Pipeline, log: Any) -> Any:
                 shape=list(event.shape),
                 assembly_ms=round((event.assembled - event.last_received) * 1000, 2),
             )
+        fed.setdefault(series_key(event.series), event.series)
         pipeline.submit(event)
 
     return emit
@@ -111,19 +129,45 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    fed: dict[tuple[str, str], SeriesInfo] = {}
     pipeline = Pipeline(settings)
-    receiver = Receiver(settings, _emit_to(pipeline, log))
+    files = FilesOutput(outputs_dir(settings), settings.outputs)
+    pipeline.add_consumer(files.consumer)
+    pacs: PacsExport | None = None
+    if settings.pacs.host:
+        pacs = PacsExport(settings.pacs, settings.receiver.spool_dir)
+        pipeline.add_consumer(pacs.consumer)
+    receiver = Receiver(settings, _emit_to(pipeline, log, fed))
     receiver.start()
+    dashboard: Dashboard | None = None
     try:
+        files.start()
+        if pacs is not None:
+            pacs.start()
         pipeline.start()
-    except BaseException:
-        receiver.stop()
-        raise
-    # One machine-readable line that scripts and tests can wait for.
-    print(f"boldstream listening on {settings.receiver.bind}:{receiver.port}", flush=True)
-    try:
+        if settings.dashboard.enabled:
+            dashboard = start_dashboard(pipeline, settings.dashboard)
+        log.info(
+            "outputs started",
+            files=str(files.out_dir),
+            dashboard=None if dashboard is None else dashboard.url,
+            pacs=None if pacs is None else pacs.where,
+        )
+        # Machine-readable lines that scripts and tests can wait for.
+        print(f"boldstream listening on {settings.receiver.bind}:{receiver.port}", flush=True)
+        if dashboard is not None:
+            print(f"dashboard on {dashboard.url}", flush=True)
         stop.wait()
     finally:
         receiver.stop()
+        if pipeline.started:
+            # Every series fed ends now: its files are finished, its target sent.
+            for info in fed.values():
+                pipeline.submit(SeriesEnd(info, ended=time.time(), reason="shutdown"))
         pipeline.stop()
+        files.stop()
+        if pacs is not None:
+            pacs.stop()
+        if dashboard is not None:
+            dashboard.stop()
     return 0
