@@ -48,6 +48,7 @@ from boldstream.receiver.volume import SeriesInfo, VolumeIncomplete
 from boldstream.sinks import topics
 from boldstream.sinks.bids import BidsSink
 from boldstream.sinks.dashboard import Dashboard
+from boldstream.sinks.dashboard.app import read_token_file
 from boldstream.sinks.pacs import PacsPeer, SourceStudy, send_target
 from boldstream.stream.messages import Message, Result, SeriesEnd, series_key
 
@@ -71,13 +72,21 @@ def start_dashboard(
     *,
     context: zmq.Context[Any] | None = None,
 ) -> Dashboard:
-    """Start the dashboard on ``settings.host``:``settings.port`` for ``pipeline``'s results."""
+    """Start the dashboard on ``settings.host``:``settings.port`` for ``pipeline``'s results.
+
+    With ``token_file`` every request but ``/healthz`` needs its token; with
+    CurveZMQ on the result stream, the dashboard subscribes with the
+    pipeline's client keys.
+    """
+    token = None if settings.token_file is None else read_token_file(settings.token_file)
     dashboard = Dashboard(
         pipeline.pub_endpoint,
         host=settings.host,
         port=settings.port,
         allowed_hosts=settings.allowed_hosts,
         context=context,
+        token=token,
+        curve=pipeline.subscriber_curve(),
     )
     dashboard.start()
     return dashboard
