@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "AssemblySettings",
+    "ConnectivitySettings",
     "DashboardSettings",
     "LoggingSettings",
     "MotionSettings",
@@ -27,6 +28,7 @@ __all__ = [
     "ReceiverSettings",
     "SelectorSettings",
     "Settings",
+    "TargetSettings",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
@@ -195,6 +197,56 @@ class QCSettings(_Section):
         return self
 
 
+class ConnectivitySettings(_Section):
+    """Running sgACC seed connectivity (SPEC section 4)."""
+
+    #: Run the connectivity stage after QC (registration, seed map, target).
+    enabled: bool = True
+    #: Corrected volumes averaged into the mean EPI registered to MNI152.
+    registration_volumes: int = Field(default=10, ge=3, le=200)
+    #: Frames with FD above this (mm) are censored from the regression.
+    fd_censor_mm: float = Field(default=0.5, gt=0)
+    #: Motion regressors: "6" parameters, "12" with differences, "24" with squares too.
+    motion_model: Literal["6", "12", "24"] = "12"
+    #: Band-pass the search region's map at each target recompute.
+    bandpass: bool = True
+    bandpass_low_hz: float = Field(default=0.01, gt=0)
+    bandpass_high_hz: float = Field(default=0.1, gt=0)
+    #: Minutes of search-region data kept for the band-passed recompute.
+    buffer_minutes: float = Field(default=30.0, gt=0, le=240)
+    #: Seed sphere radius at MNI (6, 16, -10) and search-sphere radius (mm).
+    seed_radius_mm: float = Field(default=10.0, gt=0, le=30)
+    search_radius_mm: float = Field(default=20.0, gt=0, le=40)
+
+    @model_validator(mode="after")
+    def _band(self) -> ConnectivitySettings:
+        if self.bandpass_high_hz <= self.bandpass_low_hz:
+            raise ValueError("bandpass_high_hz must be above bandpass_low_hz")
+        return self
+
+
+class TargetSettings(_Section):
+    """The provisional TMS target and when it is called stable (SPEC section 5)."""
+
+    #: "centroid" (Cash et al. 2021) or "peak" (most negative voxel; unstable).
+    method: Literal["centroid", "peak"] = "centroid"
+    #: Seconds of data between target recomputes (SPEC: every 30-60 s).
+    every_s: float = Field(default=30.0, gt=0)
+    #: Smoothing of the map inside the search region (mm FWHM; 4-6 published).
+    fwhm_mm: float = Field(default=5.0, ge=0, le=20)
+    #: Centroid rule: voxels at or below this percentile of the negative r values.
+    percentile: float = Field(default=10.0, gt=0, lt=100)
+    #: Stable needs this much good data (SPEC 5: individual beats group after 10 min) ...
+    stable_good_minutes: float = Field(default=10.0, ge=0)
+    #: ... first/second-half targets this close (centroid methods: 2-7 mm) ...
+    stable_split_half_mm: float = Field(default=7.0, gt=0)
+    #: ... and at most this movement over the last minute (unverified).
+    stable_drift_mm: float = Field(default=3.0, gt=0)
+    #: Settling: this much good data and split-half distance (unverified).
+    settling_good_minutes: float = Field(default=5.0, ge=0)
+    settling_split_half_mm: float = Field(default=15.0, gt=0)
+
+
 class PipelineSettings(_Section):
     """The real-time pipeline: stages, result stream and supervision."""
 
@@ -339,6 +391,8 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     motion: MotionSettings = MotionSettings()
     qc: QCSettings = QCSettings()
+    connectivity: ConnectivitySettings = ConnectivitySettings()
+    target: TargetSettings = TargetSettings()
     pipeline: PipelineSettings = PipelineSettings()
     dashboard: DashboardSettings = DashboardSettings()
     outputs: OutputsSettings = OutputsSettings()

@@ -2,10 +2,10 @@
 
 ::
 
-    receiver ingest thread --submit()--> [hub thread] --PUSH--> motion --PUSH--> qc
-                                            ^  |                                 |
-                                            |  +--XPUB (pub_endpoint) <----PULL--+
-                                            +--ROUTER (snapshot_endpoint)
+    receiver ingest --submit()--> [hub thread] --PUSH--> motion --PUSH--> qc --PUSH--> connectivity
+                                     ^  |                                                  |
+                                     |  +--XPUB (pub_endpoint) <---------------------PULL--+
+                                     +--ROUTER (snapshot_endpoint)
 
 The hub is one thread of the calling process that owns every socket of the
 pipeline's own: it takes submitted events (``submit`` only encodes the event
@@ -15,7 +15,9 @@ in place: its state and the journal must survive a stage restart), publishes
 ``series-start``, ``volume-received`` and ``volume-missing`` at once, sends
 the ordered volumes into the chain, and publishes what comes out of its end:
 ``motion``, ``qc`` (with ``latency_ms``, last DICOM byte to publication),
-``gap``, ``warning`` and ``series-end``. Results carry (series, index); the
+``target`` (the connectivity stage, :mod:`~boldstream.pipeline.connectivity_stage`;
+``[connectivity] enabled = false`` leaves it out), ``gap``, ``warning`` and
+``series-end``. Results carry (series, index); the
 hub publishes each (series, topic, index) once and drops repeats.
 
 The analysis stages run as threads over ``inproc://`` (``mode="thread"``) or
@@ -51,6 +53,7 @@ import zmq
 from boldstream.config.settings import Settings
 from boldstream.errors import StreamError
 from boldstream.logs import get_logger
+from boldstream.pipeline.connectivity_stage import connectivity_options
 from boldstream.pipeline.journal import Journal
 from boldstream.pipeline.snapshot import SeriesView, Snapshot
 from boldstream.pipeline.stages import (
@@ -86,8 +89,11 @@ Submitted = Volume | VolumeIncomplete | SeriesEnd
 #: An in-process consumer of the hub's messages (:meth:`Pipeline.add_consumer`).
 Consumer = Callable[[Message], None]
 
-_STAGES = ("motion", "qc")
+_STAGES = ("motion", "qc", "connectivity")
+#: Stages whose checkpoints the journal waits for (connectivity keeps none).
+_STATEFUL = ("motion", "qc")
 _FACTORIES = {
+    "connectivity": "boldstream.pipeline.connectivity_stage:ConnectivityStage",
     "motion": "boldstream.pipeline.stages:MotionStage",
     "qc": "boldstream.pipeline.stages:QCStage",
 }
@@ -182,8 +188,13 @@ class Pipeline:
         options = stage_options(self.settings, checkpoint_dir=checkpoint_dir)
         if self._consumers:  # they get the corrected volumes too
             options["qc"]["forward_corrected"] = True
+        names = [n for n in _STAGES if n != "connectivity" or self.settings.connectivity.enabled]
+        if "connectivity" in names:
+            options["qc"]["forward_corrected"] = True
+            options["connectivity"] = connectivity_options(self.settings)
+            options["connectivity"]["forward_corrected"] = bool(self._consumers)
         configs = []
-        for name in _STAGES:
+        for name in names:
             pull = f"ipc://{self._ipc_dir}/{name}-in" if process else None
             control = f"ipc://{self._ipc_dir}/{name}-control" if process else None
             configs.append(
@@ -198,7 +209,7 @@ class Pipeline:
             )
         self._start_curve()
         try:
-            hub = _Hub(self, results_address=results, stateful=_STAGES if process else ())
+            hub = _Hub(self, results_address=results, stateful=_STATEFUL if process else ())
         except BaseException:
             self._stop_curve()
             raise

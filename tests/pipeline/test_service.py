@@ -87,7 +87,7 @@ def test_two_series_publish_the_contract_once_each(tmp_path: Path, ctx: zmq.Cont
     assert series_a["ended"] is not None
 
     stages = {s["name"]: s for s in health["stages"]}
-    assert set(stages) == {"motion", "qc"}
+    assert set(stages) == {"motion", "qc", "connectivity"}
     for s in stages.values():
         assert s["alive"] and s["heartbeat"] is not None
         assert s["state"] == "running"

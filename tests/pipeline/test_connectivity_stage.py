@@ -1,0 +1,142 @@
+"""The connectivity stage after QC: target results on the phantom, ordering, the live pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from pipeline_support import as_volume, collect, make_series, pipeline_settings, subscribe, volumes
+
+from boldstream.analysis import (
+    MotionCorrector,
+    SeedConnectivity,
+    TargetRules,
+    TargetTracker,
+    native_rois,
+    register_to_template,
+    template_rois,
+)
+from boldstream.pipeline.connectivity_stage import ConnectivityStage
+from boldstream.pipeline.service import Pipeline
+from boldstream.pipeline.stages import CORRECTED, MotionStage, QCStage
+from boldstream.simulator.phantom import make_phantom_run
+from boldstream.sinks import topics
+from boldstream.stream.messages import Message, Result, SeriesEnd
+
+
+def _chain(stages: list[Any], messages: list[Message]) -> list[Message]:
+    out: list[Message] = []
+    for message in messages:
+        batch = [message]
+        for stage in stages:
+            batch = [m for item in batch for m in stage.process(item)]
+        out.extend(batch)
+    return out
+
+
+def test_stage_publishes_the_phantom_target_like_the_analysis() -> None:
+    run = make_phantom_run(n_volumes=120, tr_s=2.0, motion="mild", seed=2)
+    series = make_series("9.9.9", tr_s=2.0)
+    vols = [as_volume(run.volume(t), run.vox2ras, series, t) for t in range(run.n_volumes)]
+    stage = ConnectivityStage(every_s=20.0)
+    messages = [Message(v) for v in vols] + [Message(SeriesEnd(series, ended=0.0))]
+    out = _chain([MotionStage(), QCStage(forward_corrected=True), stage], messages)
+
+    targets = [m for m in out if m.topic == topics.TARGET]
+    # every 10 volumes (20 s at TR 2 s), from the first with enough good frames
+    # for the 15 regressors (at least 18)
+    assert [m.index for m in targets][:3] == [19, 29, 39]
+    assert targets[-1].index == 119
+    qc_at = {m.index: i for i, m in enumerate(out) if m.topic == topics.QC}
+    assert sorted(qc_at) == list(range(120))
+    for i, m in enumerate(out):
+        if m.topic == topics.TARGET:  # qc is never held back for the target
+            assert i > qc_at[m.index]
+    assert not any(m.topic == CORRECTED for m in out)  # not forwarded by default
+    assert out[-1].kind == "series-end"
+
+    last = targets[-1].payload
+    assert isinstance(last, Result)
+    values = last.values
+    assert values["status"] in topics.TARGET_STATUSES
+    assert set(topics.TARGET_FIELDS) <= set(values)
+    assert last.arrays[topics.TARGET_ARRAY_MAP].shape == run.shape
+    np.testing.assert_allclose(last.affines[topics.TARGET_AFFINE], run.vox2ras)
+    truth = run.truth["network"]["target"]["scanner_ras_mm"]
+    assert np.linalg.norm(np.subtract(values["ras_mm"], truth)) < 6.0
+    assert values["status"] != "stable"  # 4 minutes is not enough (SPEC 5)
+    assert any("good minutes" in r for r in values["reasons"])
+
+    # the same numbers as the analysis classes called directly
+    corrector = MotionCorrector(vols[0].data, run.vox2ras)
+    ests = [corrector.register(v.data) for v in vols]
+    mean = np.mean([e.corrected for e in ests[:10]], axis=0)
+    reg = register_to_template(mean, run.vox2ras)
+    conn = SeedConnectivity(native_rois(template_rois(), reg, mean, run.vox2ras), tr_s=2.0)
+    tracker = TargetTracker(native2mni=reg.native2mni, rules=TargetRules())
+    direct = None
+    for i, e in enumerate(ests):
+        conn.update(e.corrected, e.params, usable=not e.flagged)
+        if (i + 1) % 10 == 0:
+            direct = tracker.update(conn)
+    assert direct is not None
+    np.testing.assert_allclose(values["ras_mm"], direct.values["ras_mm"], atol=1e-6)
+    assert values["split_half_mm"] == direct.values["split_half_mm"]
+
+
+def test_corrected_volumes_pass_on_when_asked_and_bad_registration_warns() -> None:
+    series = make_series("8.8.8")
+    vols = volumes(14, series)
+    out = _chain(
+        [
+            MotionStage(),
+            QCStage(forward_corrected=True),
+            ConnectivityStage(forward_corrected=True),
+        ],
+        [Message(v) for v in vols],
+    )
+    corrected = [m.index for m in out if m.topic == CORRECTED]
+    assert corrected == list(range(14))
+    order = [(m.topic, m.index) for m in out if m.topic in (topics.QC, CORRECTED)]
+    assert order[:2] == [(topics.QC, 0), (CORRECTED, 0)]
+
+    # a small textured box (motion correction copes) that holds no brain at all
+    other = make_series("7.7.7")
+    rng = np.random.default_rng(0)
+    box = np.zeros((24, 24, 16), dtype=np.float32)
+    box[4:20, 4:20, 3:13] = 1000.0 + 300.0 * rng.random((16, 16, 10))
+    blank = [as_volume(box, np.eye(4), other, t) for t in range(12)]
+    out = _chain(
+        [MotionStage(), QCStage(forward_corrected=True), ConnectivityStage()],
+        [Message(v) for v in blank],
+    )
+    codes = [
+        m.payload.values["code"]
+        for m in out
+        if isinstance(m.payload, Result) and m.topic == topics.WARNING
+    ]
+    assert "registration-failed" in codes
+    assert not any(m.topic == topics.TARGET for m in out)
+    assert sorted(m.index for m in out if m.topic == topics.QC) == list(range(12))
+
+
+def test_live_pipeline_publishes_targets(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    settings = pipeline_settings(tmp_path, "pipeline.mode='thread'", "target.every_s=20")
+    series = make_series("6.6.6")
+    vols = volumes(40, series)
+    with Pipeline(settings, context=ctx) as pipeline:
+        sub = subscribe(ctx, pipeline)
+        for v in vols:
+            pipeline.submit(v)
+        pipeline.end_series(series, n_volumes=40)
+        out = collect(sub, ends=1, timeout=120.0)
+        sub.close()
+    targets = [m for m in out if m.topic == topics.TARGET]
+    assert [m.index for m in targets] == [19, 29, 39]
+    assert sorted(m.index for m in out if m.topic == topics.QC) == list(range(40))
+    last = targets[-1].payload
+    assert isinstance(last, Result)
+    assert last.values["status"] in topics.TARGET_STATUSES
+    assert last.arrays[topics.TARGET_ARRAY_MAP].dtype == np.float32
