@@ -1,7 +1,10 @@
 """The pipeline's stages run offline, as fast as they go: ``boldstream replay``.
 
-The very same :class:`~boldstream.pipeline.stages.MotionStage` and
-:class:`~boldstream.pipeline.stages.QCStage` are called directly, one message
+The very same :class:`~boldstream.pipeline.stages.MotionStage`,
+:class:`~boldstream.pipeline.stages.QCStage` and
+:class:`~boldstream.pipeline.connectivity_stage.ConnectivityStage` (unless
+``[connectivity] enabled = false``; its ``target`` results reach the sink,
+which writes the target JSON and map) are called directly, one message
 after another in this thread, behind the same reorder buffer
 (:class:`~boldstream.stream.ordering.Orderer`) the live pipeline uses; no
 sockets, no encoding. Volumes come from a 4D NIfTI or a folder of DICOM files
@@ -24,6 +27,7 @@ import pydicom
 
 from boldstream.config.settings import Settings
 from boldstream.errors import BoldstreamError, DicomInputError
+from boldstream.pipeline.connectivity_stage import ConnectivityStage, connectivity_options
 from boldstream.pipeline.stages import SKIPPED, MotionStage, QCStage, stage_options
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import decode_instance
@@ -57,6 +61,8 @@ class SeriesReplay:
     gaps: set[int] = field(default_factory=set)
     #: Where the sink wrote this series' files (None without a sink).
     files: SeriesFiles | None = None
+    #: The last ``target`` values (None: no target, or ``[connectivity]`` off).
+    target: dict[str, Any] | None = None
 
     def outliers(self) -> list[int]:
         """Volumes the QC called outliers (FD, std_DVARS, untrusted motion)."""
@@ -152,17 +158,30 @@ def dicom_volumes(folder: Path, settings: Settings) -> Iterator[Event]:
     yield from assembler.expire(time.time() + 1e6)
 
 
+def _through(stages: list[Any], message: Message) -> list[Message]:
+    """``message`` through each stage in turn (QC, then connectivity when on)."""
+    batch = [message]
+    for stage in stages:
+        batch = [out for item in batch for out in stage.process(item)]
+    return batch
+
+
 def replay(
     events: Iterable[Event], settings: Settings, *, sink: BidsSink | None = None
 ) -> dict[tuple[str, str], SeriesReplay]:
-    """Run ``events`` through the orderer, motion and QC; results per series.
+    """Run ``events`` through the orderer, motion, QC and connectivity; results per series.
 
     With ``sink``, every message goes into it as ``serve`` feeds it: results,
     gaps, the corrected volumes and each series' end (which finishes its files).
     """
     options = stage_options(settings, checkpoint_dir=None)
     motion = MotionStage(**options["motion"])
-    qc = QCStage(**options["qc"], forward_corrected=sink is not None)
+    with_connectivity = settings.connectivity.enabled
+    qc = QCStage(**options["qc"], forward_corrected=sink is not None or with_connectivity)
+    chain: list[Any] = [qc]
+    if with_connectivity:
+        conn_options = connectivity_options(settings)
+        chain.append(ConnectivityStage(**conn_options, forward_corrected=sink is not None))
     p = settings.pipeline
     orderer = Orderer(timeout_s=p.order_timeout_s, max_pending=p.order_max_pending)
     out: dict[tuple[str, str], SeriesReplay] = {}
@@ -179,11 +198,13 @@ def replay(
         if isinstance(message.payload, Volume):
             entry.volumes += 1
         for m in motion.process(message):
-            for r in qc.process(m):
+            for r in _through(chain, m):
                 payload = r.payload
                 if isinstance(payload, Result) and payload.index is not None:
                     if payload.topic == topics.QC:
                         entry.qc[payload.index] = dict(payload.values)
+                    elif payload.topic == topics.TARGET:
+                        entry.target = dict(payload.values)
                     elif payload.topic == SKIPPED:
                         entry.skipped[payload.index] = str(payload.values.get("reason", ""))
                 elif isinstance(payload, Gap):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pytest
+import structlog
 import zmq
 from pipeline_support import as_volume, collect, make_series, pipeline_settings, subscribe, volumes
 
@@ -18,12 +23,22 @@ from boldstream.analysis import (
     register_to_template,
     template_rois,
 )
+from boldstream.cli import main as cli_main
+from boldstream.config import load_settings
 from boldstream.pipeline.connectivity_stage import ConnectivityStage
+from boldstream.pipeline.offline import nifti_volumes, replay
 from boldstream.pipeline.service import Pipeline
 from boldstream.pipeline.stages import CORRECTED, MotionStage, QCStage
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.sinks import topics
-from boldstream.stream.messages import Message, Result, SeriesEnd
+from boldstream.stream.messages import Message, Result, SeriesEnd, series_key
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """replay configures logging onto the (captured) stderr; undo it afterwards."""
+    yield
+    structlog.reset_defaults()
 
 
 def _chain(stages: list[Any], messages: list[Message]) -> list[Message]:
@@ -140,3 +155,32 @@ def test_live_pipeline_publishes_targets(tmp_path: Path, ctx: zmq.Context[Any]) 
     assert isinstance(last, Result)
     assert last.values["status"] in topics.TARGET_STATUSES
     assert last.arrays[topics.TARGET_ARRAY_MAP].dtype == np.float32
+
+
+def test_replay_writes_the_target_json(tmp_path: Path) -> None:
+    run = make_phantom_run(n_volumes=60, tr_s=2.0, motion="none", seed=3)
+    img = nib.Nifti1Image(run.data, run.vox2ras)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 2.0
+    nifti = tmp_path / "sub-05_bold.nii.gz"
+    nib.save(img, nifti)
+    out = tmp_path / "out"
+    assert cli_main(["replay", str(nifti), "--out", str(out), "--set", "target.every_s=30"]) == 0
+    func = out / "sub-05" / "func"
+    doc = json.loads((func / "sub-05_task-rest_desc-target_coordinates.json").read_text())
+    coords = doc["Coordinates"]
+    assert doc["VolumeIndex"] == 59 and doc["Status"] in topics.TARGET_STATUSES
+    ras = np.asarray(coords["scanner_ras_mm"])
+    np.testing.assert_allclose(coords["dicom_lps_mm"], ras * [-1, -1, 1])
+    ijk = np.asarray(coords["voxel_ijk"])
+    np.testing.assert_allclose(run.vox2ras[:3, :3] @ ijk + run.vox2ras[:3, 3], ras, atol=1e-6)
+    assert coords["mni_mm"] is not None
+    assert (func / "sub-05_task-rest_desc-connectivity_boldmap.nii.gz").exists()
+
+    # the same target as the offline API gives
+    settings = load_settings(overrides=["target.every_s=30"], environ={})
+    series, events = nifti_volumes(nifti)
+    result = replay(events, settings)
+    target = result[series_key(series)].target
+    assert target is not None
+    np.testing.assert_allclose(target["ras_mm"], ras, atol=1e-4)
