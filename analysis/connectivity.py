@@ -37,11 +37,13 @@ and the intercept. A frame is censored (left out of every sum, kept in the
 buffer for filtering) when its FD exceeds ``fd_censor_mm`` (0.5 mm), when
 motion correction flagged it, or when it has non-finite values.
 
-Memory for a 15-min 90x90x60 run at TR 0.8 s (1,125 frames): about 100,000
-brain voxels x 19 float64 co-moment rows (15 MB) + means and variances
-(2 MB), and a ring buffer of about 4,000 search voxels x 1,125 float32
-frames (18 MB at ``buffer_minutes`` = 15; 36 MB at the default 30 minutes):
-well under 100 MB per series. ``benchmarks/connectivity.py`` measures it.
+Memory for a 15-min 90x90x60 run at TR 0.8 s (1,125 frames; measured by
+``benchmarks/connectivity.py`` on the phantom): 140,000 brain voxels x 16
+float64 co-moment rows plus means and variances (20 MB), and a ring buffer of
+3,200 search voxels x 1,125 float32 frames (14 MB; 29 MB at the default
+``buffer_minutes`` = 30): 35 MB held per series, whatever the run length
+beyond the buffer. A target recompute allocates about 190 MB transiently
+(band-pass and OLS on the buffer in float64) and frees it.
 """
 
 from __future__ import annotations

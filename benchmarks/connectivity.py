@@ -1,0 +1,149 @@
+"""Connectivity and target: per-volume update and full target recompute, with memory.
+
+Data: the project's simulated scanner (``boldstream.simulator.phantom``, the
+MNI152 head in its default pose, planted sgACC/DLPFC pair) at 64x64x36 / 3 mm
+/ TR 2 s and 90x90x60 / 2.4 mm / TR 0.8 s. ``--volumes`` distinct phantom
+volumes are generated and then fed again and again (with fresh noise) until
+the run is ``--minutes`` long, so the ring buffer is as full as in a real
+15-minute run; timings do not depend on the values.
+
+Measured per size: registration of the 10-volume mean (once per series), the
+per-volume update (:meth:`SeedConnectivity.update`: regressors, censoring,
+Welford sums for every brain voxel, ring buffer, field-of-view check), the
+online map read-out (:meth:`SeedConnectivity.running_map`) and a full target
+recompute (:meth:`TargetTracker.update`: band-pass of the buffer, OLS on all,
+first-half and second-half frames, three smoothings and decisions, the map),
+and the memory the series holds (running sums + ring buffer) and the peak the
+recompute allocates (tracemalloc). Prints a Markdown table.
+
+    python benchmarks/connectivity.py                  # both sizes, 15 minutes
+    python benchmarks/connectivity.py --sizes 64 --minutes 8
+
+Not a test: timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+from boldstream.analysis.connectivity import SeedConnectivity
+from boldstream.analysis.registration import native_rois, register_to_template
+from boldstream.analysis.rois import template_rois
+from boldstream.analysis.target import TargetTracker
+from boldstream.simulator.phantom import make_phantom_run
+
+# name: (matrix, voxel mm, TR s), SPEC section 7
+SIZES: dict[str, tuple[tuple[int, int, int], float, float]] = {
+    "64": ((64, 64, 36), 3.0, 2.0),
+    "90": ((90, 90, 60), 2.4, 0.8),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    return (
+        f"{dt.date.today().isoformat()}, nproc {os.cpu_count()} ({cpu}), "
+        f"Python {platform.python_version()}, numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas}"
+    )
+
+
+def bench(size: str, *, minutes: float, distinct: int, recomputes: int) -> dict[str, float]:
+    shape, voxel, tr = SIZES[size]
+    run = make_phantom_run(
+        n_volumes=distinct, tr_s=tr, shape=shape, voxel_mm=voxel, motion="mild", seed=0
+    )
+    vols = [run.volume(t) for t in range(distinct)]
+    params = np.asarray(run.truth["motion"]["parameters"])
+    mean = np.mean(vols[:10], axis=0)
+    t0 = time.perf_counter()
+    reg = register_to_template(mean, run.vox2ras)
+    rois = native_rois(template_rois(), reg, mean, run.vox2ras)
+    t_reg = time.perf_counter() - t0
+    conn = SeedConnectivity(rois, tr_s=tr, buffer_minutes=max(minutes, 1.0))
+    tracker = TargetTracker(native2mni=reg.native2mni)
+    n = round(minutes * 60.0 / tr)
+    rng = np.random.default_rng(1)
+    noise = [rng.normal(0.0, 5.0, shape).astype(np.float32) for _ in range(7)]
+    update_ms = []
+    for t in range(n):
+        vol = vols[t % distinct] + noise[t % 7]
+        p = params[t % distinct]
+        start = time.perf_counter()
+        conn.update(vol, p)
+        update_ms.append((time.perf_counter() - start) * 1000.0)
+    map_ms = []
+    for _ in range(5):
+        start = time.perf_counter()
+        conn.running_map()
+        map_ms.append((time.perf_counter() - start) * 1000.0)
+    recompute_s = []
+    peak = 0
+    for i in range(recomputes):
+        if i == recomputes - 1:
+            tracemalloc.start()
+        start = time.perf_counter()
+        estimate = tracker.update(conn)
+        recompute_s.append(time.perf_counter() - start)
+        if i == recomputes - 1:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert estimate is not None
+    truth = np.asarray(run.truth["network"]["target"]["scanner_ras_mm"])
+    return {
+        "frames": float(n),
+        "brain": float(conn.brain_index.size),
+        "search": float(conn.search_index.size),
+        "registration_s": t_reg,
+        "update_ms": statistics.median(update_ms),
+        "update_p95_ms": float(np.percentile(update_ms, 95)),
+        "map_ms": statistics.median(map_ms),
+        "recompute_s": statistics.median(recompute_s),
+        "held_mb": conn.nbytes / 1e6,
+        "peak_mb": peak / 1e6,
+        "dice": reg.dice,
+        "error_mm": float(np.linalg.norm(np.asarray(estimate.values["ras_mm"]) - truth)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,90")
+    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--volumes", type=int, default=60, help="distinct phantom volumes")
+    parser.add_argument("--recomputes", type=int, default=3)
+    args = parser.parse_args()
+    print(f"Machine: {machine()}\n")
+    print(
+        "| matrix | TR s | frames | brain voxels | search voxels | registration s "
+        "| update ms (median / p95) | online map ms | target recompute s "
+        "| held MB | recompute peak MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        r = bench(size, minutes=args.minutes, distinct=args.volumes, recomputes=args.recomputes)
+        shape, _, tr = SIZES[size]
+        print(
+            f"| {'x'.join(map(str, shape))} | {tr:g} | {r['frames']:.0f} | {r['brain']:.0f} "
+            f"| {r['search']:.0f} | {r['registration_s']:.2f} "
+            f"| {r['update_ms']:.1f} / {r['update_p95_ms']:.1f} | {r['map_ms']:.1f} "
+            f"| {r['recompute_s']:.2f} | {r['held_mb']:.0f} | {r['peak_mb']:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
