@@ -15,6 +15,14 @@ from boldstream.analysis.connectivity import (
     nuisance_regressors,
     partial_correlation,
 )
+from boldstream.analysis.guidance import (
+    GUIDANCE_STATES,
+    Guidance,
+    GuidanceFit,
+    GuidanceModel,
+    GuidancePoint,
+    fit_split_half,
+)
 from boldstream.analysis.motion import (
     PARAM_NAMES,
     MotionCorrector,
@@ -55,10 +63,15 @@ from boldstream.analysis.template import Template, load_template
 from boldstream.analysis.usable import UsableAtThreshold, UsableData, UsableSummary, minutes_to_goal
 
 __all__ = [
+    "GUIDANCE_STATES",
     "PARAM_NAMES",
     "SEARCH_CENTRES_MNI",
     "SEED_MNI",
     "ConnectivityFrame",
+    "Guidance",
+    "GuidanceFit",
+    "GuidanceModel",
+    "GuidancePoint",
     "MotionCorrector",
     "MotionEstimate",
     "NativeRois",
@@ -81,6 +94,7 @@ __all__ = [
     "choose_target",
     "displacement_mm",
     "epi_like_template",
+    "fit_split_half",
     "foreground_mask",
     "load_template",
     "map_to_native",
