@@ -19,6 +19,7 @@ __all__ = [
     "AssemblySettings",
     "ConnectivitySettings",
     "DashboardSettings",
+    "GuidanceSettings",
     "LoggingSettings",
     "MotionSettings",
     "OutputsSettings",
@@ -247,6 +248,34 @@ class TargetSettings(_Section):
     settling_split_half_mm: float = Field(default=15.0, gt=0)
 
 
+class GuidanceSettings(_Section):
+    """Scan guidance: enough data for a settled target yet? (docs/guidance.md).
+
+    What "settled" means comes from ``[target]`` (stable_*); these say when
+    and how the advice is made.
+    """
+
+    #: Publish ``guidance`` results (needs ``[connectivity] enabled``).
+    enabled: bool = True
+    #: The FD threshold (mm) whose good minutes the advice quotes (one of
+    #: ``[qc] fd_thresholds_mm``, else the nearest).
+    fd_threshold_mm: float = Field(default=0.5, gt=0)
+    #: Volumes between updates (and at every target and at the series' end).
+    every_volumes: int = Field(default=5, ge=1)
+    #: Split-half distances and good minutes needed before any prediction.
+    min_points: int = Field(default=4, ge=2)
+    min_fit_minutes: float = Field(default=3.0, ge=0)
+    #: Good minutes before a flat split-half trend is called not settling.
+    verdict_good_minutes: float = Field(default=8.0, ge=0)
+    #: Further scan minutes beyond which settling is not expected in this run.
+    horizon_minutes: float = Field(default=20.0, gt=0)
+    #: Growth of the split-half distance (mm) above its best that is un-settling.
+    rebound_mm: float = Field(default=5.0, gt=0)
+    #: Resampled fits behind the range, and the central interval reported (%).
+    resamples: int = Field(default=200, ge=20, le=5000)
+    band: float = Field(default=90.0, gt=0, lt=100)
+
+
 class PipelineSettings(_Section):
     """The real-time pipeline: stages, result stream and supervision."""
 
@@ -393,6 +422,7 @@ class Settings(_Section):
     qc: QCSettings = QCSettings()
     connectivity: ConnectivitySettings = ConnectivitySettings()
     target: TargetSettings = TargetSettings()
+    guidance: GuidanceSettings = GuidanceSettings()
     pipeline: PipelineSettings = PipelineSettings()
     dashboard: DashboardSettings = DashboardSettings()
     outputs: OutputsSettings = OutputsSettings()

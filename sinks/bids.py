@@ -9,6 +9,7 @@ plus ``_run-<series number>`` when the series has a number)::
     sub-<label>/func/<prefix>_desc-tsnr_boldmap.nii.gz        + .json (at series end)
     sub-<label>/func/<prefix>_desc-connectivity_boldmap.nii.gz + .json (latest target)
     sub-<label>/func/<prefix>_desc-target_coordinates.json    (latest target)
+    sub-<label>/func/<prefix>_desc-target_guidance.json       (last guidance, at series end)
     sub-<label>/func/<prefix>_desc-target_brainsight.txt / _localite.xml (exports)
 
 ``<label>`` comes from the pseudonymous ``session_key`` (its letters and
@@ -115,6 +116,7 @@ FILE_TOPICS: Final = (
     topics.MOTION,
     topics.QC,
     topics.TARGET,
+    topics.GUIDANCE,
     topics.VOLUME_MISSING,
     topics.GAP,
     topics.SERIES_END,
@@ -574,6 +576,10 @@ class SeriesFiles:
         return self.path("desc-target_coordinates.json")
 
     @property
+    def guidance(self) -> Path:
+        return self.path("desc-target_guidance.json")
+
+    @property
     def brainsight(self) -> Path:
         return self.path("desc-target_brainsight.txt")
 
@@ -592,6 +598,8 @@ class _Series:
     tsnr_n: int = 0
     tsnr_mean: npt.NDArray[np.float64] | None = None
     tsnr_m2: npt.NDArray[np.float64] | None = None
+    #: The latest ``guidance`` values, written at series end.
+    guidance: dict[str, Any] | None = None
     finished: bool = False
 
 
@@ -661,6 +669,8 @@ class BidsSink:
             return
         if isinstance(p, SeriesEnd):
             self._finish(state, p.n_volumes)
+        elif isinstance(p, Result) and p.topic == topics.GUIDANCE:
+            state.guidance = {"index": p.index, **p.values}
         elif isinstance(p, Gap | VolumeIncomplete):
             self._row(state, p.index, missing=True)
         elif isinstance(p, Result) and p.index is not None:
@@ -888,6 +898,8 @@ class BidsSink:
                     durable=self.durable,
                 )
             write_json_atomic(files.bold_sidecar, self._bold_sidecar(state), durable=self.durable)
+        if state.guidance is not None:
+            write_json_atomic(files.guidance, state.guidance, durable=self.durable)
         state.finished = True
         state.motion.clear()
         state.tsnr_mean = state.tsnr_m2 = None

@@ -22,6 +22,8 @@ topic                     payload
 ``qc``                    Result: :meth:`QCFrame.as_dict` plus ``latency_ms``
 ``target``                Result: provisional TMS target (:data:`TARGET_FIELDS`),
                           array ``map`` (3-D float32 correlation), affine ``vox2ras``
+``guidance``              Result: enough data for a settled target yet?
+                          (:data:`GUIDANCE_FIELDS`; docs/guidance.md)
 ``warning``               Result: ``message`` and ``code`` for the technician
 ``series-start``          SeriesStart
 ``series-end``            SeriesEnd
@@ -46,6 +48,9 @@ from boldstream.stream.messages import Result
 __all__ = [
     "DASHBOARD_TOPICS",
     "GAP",
+    "GUIDANCE",
+    "GUIDANCE_FIELDS",
+    "GUIDANCE_STATES",
     "MOTION",
     "MOTION_FIELDS",
     "QC",
@@ -65,6 +70,7 @@ __all__ = [
     "VOLUME_RECEIVED_FIELDS",
     "WARNING",
     "WARNING_FIELDS",
+    "guidance_result",
     "motion_result",
     "qc_result",
     "target_result",
@@ -78,6 +84,7 @@ VOLUME_RECEIVED: Final = "volume-received"
 MOTION: Final = "motion"
 QC: Final = "qc"
 TARGET: Final = "target"
+GUIDANCE: Final = "guidance"
 WARNING: Final = "warning"
 SERIES_START: Final = "series-start"
 SERIES_END: Final = "series-end"
@@ -93,6 +100,7 @@ DASHBOARD_TOPICS: Final = (
     MOTION,
     QC,
     TARGET,
+    GUIDANCE,
     WARNING,
     VOLUME_MISSING,
     GAP,
@@ -159,6 +167,36 @@ TARGET_ARRAY_MAP: Final = "map"
 TARGET_AFFINE: Final = "vox2ras"
 
 WARNING_FIELDS: Final = ("message", "code")
+
+GuidanceState = Literal["cannot-tell-yet", "keep-scanning", "enough-data", "not-settling"]
+#: :data:`boldstream.analysis.GUIDANCE_STATES`, repeated for readers of this module.
+GUIDANCE_STATES: Final[tuple[GuidanceState, ...]] = (
+    "cannot-tell-yet",
+    "keep-scanning",
+    "enough-data",
+    "not-settling",
+)
+#: ``state`` (one of :data:`GUIDANCE_STATES`), ``message`` for the technician,
+#: ``minutes_more`` further scan minutes predicted until the target is settled
+#: (keep-scanning only, else None), ``minutes_more_range`` [low, high] or None,
+#: ``reason`` in words, then ``good_minutes`` at ``fd_threshold_mm``,
+#: ``minutes_to_goal`` (the usable-data goal), the target's ``split_half_mm``,
+#: ``drift_mm`` and ``target_status``, and ``fit`` {a, b, residual_sd, points,
+#: settled_good_minutes} or None. Producers may add fields.
+GUIDANCE_FIELDS: Final = (
+    "state",
+    "message",
+    "minutes_more",
+    "minutes_more_range",
+    "reason",
+    "good_minutes",
+    "fd_threshold_mm",
+    "minutes_to_goal",
+    "split_half_mm",
+    "drift_mm",
+    "target_status",
+    "fit",
+)
 
 
 # --------------------------------------------------------------------------- builders
@@ -241,6 +279,17 @@ def target_result(
         arrays={TARGET_ARRAY_MAP: np.asarray(correlation_map, dtype=np.float32)},
         affines={TARGET_AFFINE: np.asarray(vox2ras, dtype=np.float64)},
     )
+
+
+def guidance_result(series: SeriesInfo, index: int | None, values: Mapping[str, Any]) -> Result:
+    """The scan guidance after volume ``index`` (values: :data:`GUIDANCE_FIELDS`)."""
+    state = values.get("state")
+    if state not in GUIDANCE_STATES:
+        raise ValueError(f"guidance state must be one of {GUIDANCE_STATES}, got {state!r}")
+    missing = [k for k in ("message", "reason") if not isinstance(values.get(k), str)]
+    if missing:
+        raise ValueError(f"guidance needs text in {missing}")
+    return Result(GUIDANCE, series, index, values=dict(values))
 
 
 def warning_result(

@@ -16,8 +16,10 @@ in place: its state and the journal must survive a stage restart), publishes
 the ordered volumes into the chain, and publishes what comes out of its end:
 ``motion``, ``qc`` (with ``latency_ms``, last DICOM byte to publication),
 ``target`` (the connectivity stage, :mod:`~boldstream.pipeline.connectivity_stage`;
-``[connectivity] enabled = false`` leaves it out), ``gap``, ``warning`` and
-``series-end``. Results carry (series, index); the
+``[connectivity] enabled = false`` leaves it out), ``guidance`` (made in place
+from the published ``qc`` and ``target`` results by
+:class:`~boldstream.pipeline.guidance_stage.GuidanceStage`; ``[guidance]``),
+``gap``, ``warning`` and ``series-end``. Results carry (series, index); the
 hub publishes each (series, topic, index) once and drops repeats.
 
 The analysis stages run as threads over ``inproc://`` (``mode="thread"``) or
@@ -54,6 +56,7 @@ from boldstream.config.settings import Settings
 from boldstream.errors import StreamError
 from boldstream.logs import get_logger
 from boldstream.pipeline.connectivity_stage import connectivity_options
+from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
 from boldstream.pipeline.journal import Journal
 from boldstream.pipeline.snapshot import SeriesView, Snapshot
 from boldstream.pipeline.stages import (
@@ -493,6 +496,12 @@ class _Hub:
             "subscriptions": 0,
         }
         self.idle_s = p.series_idle_s
+        s = owner.settings
+        self.guidance = (
+            GuidanceStage(**guidance_options(s))
+            if s.guidance.enabled and s.connectivity.enabled
+            else None
+        )
         self.running = True
         self._sockets: list[zmq.Socket[Any]] = []
         try:
@@ -735,6 +744,7 @@ class _Hub:
             state.ended = True
             state.view.ended = p.ended
             self.journal.ended(key)
+            self._guide(message)
             self._publish(message)
 
     def _on_analysis(self, state: _Series, key: Key, message: Message, p: Result) -> None:
@@ -787,6 +797,7 @@ class _Hub:
             state.view.on_qc(index, values)
             self._finish(state, key, index)
             self._publish(message)
+            self._guide(message)
             self.log.info(
                 "volume published",
                 series=state.info.series_uid,
@@ -799,11 +810,22 @@ class _Hub:
         if p.topic == topics.MOTION:
             state.view.on_motion(index, p.values)
         self._publish(message)
+        self._guide(message)
 
     def _finish(self, state: _Series, key: Key, index: int) -> None:
         state.done.add(index)
         state.view.last_index = max(index, state.view.last_index or -1)
         self.journal.done(key, index)
+
+    def _guide(self, message: Message) -> None:
+        """Publish the guidance that ``message`` (qc, target, series end) leads to."""
+        if self.guidance is None:
+            return
+        try:
+            for guidance in self.guidance.observe(message):
+                self._publish(guidance)
+        except Exception:
+            self.log.exception("guidance failed", topic=message.topic)
 
     def _duplicate(self) -> None:
         self.stats["duplicates_dropped"] += 1

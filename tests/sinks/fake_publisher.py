@@ -5,7 +5,9 @@ helpers and the real codec, over tcp://127.0.0.1 on an ephemeral port: series
 start, per volume ``volume-received``, ``motion`` and ``qc`` (FD from the
 simulated motion by Power's formula, usable minutes from the real
 :class:`UsableData`), missing volumes as ``volume-missing`` plus ``gap``,
-warnings, ``target`` messages with a correlation map, and series end.
+warnings, ``target`` messages with a correlation map, ``guidance`` made by the
+real :class:`GuidanceStage` from those ``qc`` and ``target`` messages (or
+given outright with :meth:`FakePublisher.guidance`), and series end.
 
 For development, run it with a dashboard attached::
 
@@ -26,6 +28,7 @@ import zmq
 
 from boldstream.analysis.qc import QCFrame
 from boldstream.analysis.usable import UsableData
+from boldstream.pipeline.guidance_stage import GuidanceStage
 from boldstream.receiver.volume import SeriesInfo, VolumeIncomplete
 from boldstream.sinks import topics
 from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, SeriesStart
@@ -103,6 +106,7 @@ class FakePublisher:
         self.params = np.zeros(6)
         self._prev: np.ndarray | None = None
         self.published_volumes = 0
+        self.guide = GuidanceStage(min_points=2, min_fit_minutes=0.1)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -120,7 +124,20 @@ class FakePublisher:
                 self.publisher.drain_subscriptions()
 
     def send(self, payload: Any, **timestamps: float) -> None:
-        self.publisher.publish(Message(payload, dict(timestamps)))
+        message = Message(payload, dict(timestamps))
+        if isinstance(payload, SeriesEnd):
+            for guidance in self.guide.observe(message):
+                self.publisher.publish(guidance)
+        self.publisher.publish(message)
+        if not isinstance(payload, SeriesEnd):
+            for guidance in self.guide.observe(message):
+                self.publisher.publish(guidance)
+
+    def guidance(self, index: int, values: dict[str, Any]) -> Result:
+        """Publish one ``guidance`` result as given."""
+        result = topics.guidance_result(self.series, index, values)
+        self.publisher.publish(Message(result))
+        return result
 
     def close(self) -> None:
         self.publisher.socket.close(linger=0)

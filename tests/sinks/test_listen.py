@@ -121,6 +121,7 @@ def test_listen_prints_one_readable_line_per_message(publisher: Any) -> None:
         "motion",
         "qc",
         "target",
+        "guidance",
         "warning",
         "volume-missing",
         "gap",

@@ -68,6 +68,8 @@ def test_published_messages_validate(headers: dict[str, list[dict[str, Any]]]) -
         ("qc", ("body", "values", "usable", "thresholds", 0, "fraction"), 1.5),
         ("target", ("body", "values", "status"), "final"),
         ("target", ("arrays", 0, "name"), "mask"),
+        ("guidance", ("body", "values", "state"), "done"),
+        ("guidance", ("body", "values", "minutes_more_range"), [1.0]),
         ("gap", ("body", "reason"), "lost"),
         ("volume-received", ("body", "values", "shape"), [64, 64]),
         ("series-start", ("v",), "2.0"),
