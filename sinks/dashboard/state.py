@@ -3,7 +3,7 @@
 :class:`DashboardState` consumes decoded :class:`Message` objects (the SUB
 thread calls :meth:`DashboardState.apply`) and keeps, for each series, what a
 page needs: the QC and motion traces, the latest usable-data summary, the
-receiver's counts, the latest target and recent warnings. It hands a late
+receiver's counts, the latest target, the latest scan guidance and recent warnings. It hands a late
 joining page one JSON :meth:`~DashboardState.snapshot`, then the *deltas*
 that each later message produced, in order: :meth:`~DashboardState.listen`
 takes the snapshot and registers the listener under one lock, so a page sees
@@ -32,7 +32,12 @@ Snapshot (``type: "snapshot"``)::
                 "receiver": {"received", "last_index", "shape", "voxel_mm",
                              "assembly_ms", "instances", "missing": [{"index", "reason"}],
                              "n_missing", "n_late", "n_slow"},
-                "target": <target> | null, "warnings": [...]}
+                "target": <target> | null, "guidance": <guidance> | null,
+                "warnings": [...]}
+
+    <guidance> = {"index", "state", "message", "minutes_more",
+                  "minutes_more_range": [lo, hi] | null, "reason", "good_minutes",
+                  "fd_threshold_mm", "split_half_mm", "drift_mm"}
 
 Deltas, one per message (``type`` says which part changed)::
 
@@ -42,6 +47,7 @@ Deltas, one per message (``type`` says which part changed)::
     {"type": "motion", "id", "row": {"index", "trans_x", ..., "flagged"}}
     {"type": "receiver", "id", "receiver": {...}}            volume-received / missing / gap
     {"type": "target", "id", "target": <target>}
+    {"type": "guidance", "id", "guidance": <guidance>}
     {"type": "warning", "id" | null, "warning": {"message", "code", "index", "time"}}
     {"type": "status", "subscriber": {...}}                   connection changes, heartbeats
 
@@ -79,6 +85,7 @@ __all__ = [
     "Listener",
     "SeriesState",
     "Trace",
+    "guidance_view",
     "series_id",
     "target_view",
     "to_json",
@@ -185,6 +192,7 @@ class SeriesState:
         self.motion = Trace(MOTION_COLUMNS, cap=max_points)
         self.usable: dict[str, Any] | None = None
         self.target: dict[str, Any] | None = None
+        self.guidance: dict[str, Any] | None = None
         self.warnings: deque[dict[str, Any]] = deque(maxlen=_MAX_WARNINGS)
         self.received = 0
         self.last_index: int | None = None
@@ -236,6 +244,7 @@ class SeriesState:
             "usable": self.usable,
             "receiver": self.receiver(),
             "target": self.target,
+            "guidance": self.guidance,
             "warnings": list(self.warnings),
         }
 
@@ -320,6 +329,13 @@ class SeriesState:
         self.target = target_view(result)
         return {"type": "target", "id": self.id, "target": self.target}
 
+    def on_guidance(self, result: Result) -> dict[str, Any] | None:
+        view = guidance_view(result)
+        if view is None:
+            return None
+        self.guidance = view
+        return {"type": "guidance", "id": self.id, "guidance": view}
+
     def on_warning(self, warning: dict[str, Any]) -> dict[str, Any]:
         self.warnings.append(warning)
         return {"type": "warning", "id": self.id, "warning": warning}
@@ -337,6 +353,30 @@ def _clean_usable(usable: Mapping[str, Any]) -> dict[str, Any]:
         "minutes_total": _number(usable.get("minutes_total")),
         "goal_minutes": _number(usable.get("goal_minutes")),
         "thresholds": thresholds,
+    }
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+def guidance_view(result: Result) -> dict[str, Any] | None:
+    """What the page shows of a ``guidance`` result; None when its state is unknown."""
+    v = result.values
+    state = v.get("state")
+    if state not in topics.GUIDANCE_STATES:
+        return None
+    band = _numbers(v.get("minutes_more_range"), 2)
+    return {
+        "index": result.index,
+        "state": state,
+        "message": str(v.get("message", "")),
+        "minutes_more": _number(v.get("minutes_more")),
+        "minutes_more_range": band if band is not None and None not in band else None,
+        "reason": str(v.get("reason", "")),
+        "good_minutes": _number(v.get("good_minutes")),
+        "fd_threshold_mm": _number(v.get("fd_threshold_mm")),
+        "split_half_mm": _number(v.get("split_half_mm")),
+        "drift_mm": _number(v.get("drift_mm")),
     }
 
 
@@ -665,6 +705,8 @@ class DashboardState:
             return self._state_for(p.series).on_motion(p.index, p.values)
         if topic == topics.TARGET:
             return self._state_for(p.series).on_target(p)
+        if topic == topics.GUIDANCE:
+            return self._state_for(p.series).on_guidance(p)
         return None
 
     def _observe_latency(self, seconds: float) -> None:

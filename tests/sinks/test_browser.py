@@ -127,6 +127,40 @@ def test_live_page_follows_a_scan(
     publisher.scan(15, start=45)
     until("56 FD points", lambda: fd_points(page) >= 56)
 
+    # The guidance panel beside the good minutes shows the latest advice, big.
+    expect(page.locator("#guidance-panel")).to_be_visible()
+    publisher.guidance(
+        60,
+        {
+            "state": "keep-scanning",
+            "message": "keep scanning: about 6 more minutes for a settled target (4-9 min)",
+            "minutes_more": 6.2,
+            "minutes_more_range": [4.1, 9.3],
+            "reason": "split-half 11.0 mm at 5.0 good minutes",
+            "good_minutes": 5.1,
+            "fd_threshold_mm": 0.5,
+            "split_half_mm": 11.0,
+            "drift_mm": 2.0,
+        },
+    )
+    expect(page.locator("#guidance-panel")).to_have_attribute("data-state", "keep-scanning")
+    assert page.inner_text("#guidance-message").startswith("keep scanning: about 6 more minutes")
+    assert "likely 4–9 more minutes" in page.inner_text("#guidance-range")
+    assert page.inner_text("#guidance-state").lower() == "keep scanning"
+    publisher.guidance(
+        61,
+        {
+            "state": "enough-data",
+            "message": "enough data: target settled (split-half 4.2 mm, drift 1.3 mm over "
+            "the last minute)",
+            "minutes_more": 0.0,
+            "minutes_more_range": None,
+            "reason": "10.4 good minutes (>= 10)",
+        },
+    )
+    expect(page.locator("#guidance-panel")).to_have_attribute("data-state", "enough-data")
+    assert page.inner_text("#guidance-message").startswith("enough data: target settled")
+
     page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
     assert problems == []
     origin = dashboard.url.rstrip("/")

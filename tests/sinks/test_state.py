@@ -341,3 +341,32 @@ def test_metrics_exposition_is_valid_prometheus_text() -> None:
     assert 'boldstream_dashboard_latency_seconds_bucket{le="+Inf"} 3\n' in text
     assert "boldstream_dashboard_latency_seconds_count 3\n" in text
     assert "boldstream_dashboard_latency_seconds_sum 0.95\n" in text
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+def test_latest_guidance_is_kept_per_series_and_sent_as_a_delta() -> None:
+    state = DashboardState()
+    values = {
+        "state": "keep-scanning",
+        "message": "keep scanning: about 6 more minutes for a settled target (4-9 min)",
+        "minutes_more": 6.2,
+        "minutes_more_range": [4.1, 9.3],
+        "reason": "split-half 11.0 mm at 5.0 good minutes",
+        "good_minutes": 5.1,
+        "fd_threshold_mm": 0.5,
+        "split_half_mm": 11.0,
+        "drift_mm": float("nan"),
+    }
+    deltas = state.apply(Message(topics.guidance_result(SERIES, 140, values)))
+    delta = next(d for d in deltas if d["type"] == "guidance")
+    assert delta["guidance"]["message"].startswith("keep scanning: about 6")
+    assert delta["guidance"]["minutes_more_range"] == [4.1, 9.3]
+    assert delta["guidance"]["drift_mm"] is None
+    json.loads(json.dumps(delta, allow_nan=False))
+    (series,) = state.snapshot()["series"]
+    assert series["guidance"]["state"] == "keep-scanning"
+    bad = Result(topics.GUIDANCE, SERIES, 141, values={"state": "finished"})
+    assert [d for d in state.apply(Message(bad)) if d["type"] == "guidance"] == []
+    assert state.snapshot()["series"][0]["guidance"]["index"] == 140

@@ -43,7 +43,7 @@
       {
         qc: emptyColumns(["index", "fd_mm", "dvars", "std_dvars", "tsnr_median", "outlier", "latency_ms"]),
         motion: emptyColumns(["index", "trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "flagged"]),
-        usable: null, receiver: null, target: null, warnings: [],
+        usable: null, receiver: null, target: null, guidance: null, warnings: [],
       },
       header,
     );
@@ -97,6 +97,7 @@
       case "motion": { insertRow(ensure(d.id).motion, d.row); break; }
       case "receiver": { const s = ensure(d.id); s.receiver = d.receiver; s.updated = Date.now() / 1000; break; }
       case "target": { ensure(d.id).target = d.target; break; }
+      case "guidance": { ensure(d.id).guidance = d.guidance; break; }
       case "warning": {
         if (d.id === null) pushCapped(model.warnings, d.warning);
         else pushCapped(ensure(d.id).warnings, d.warning);
@@ -341,6 +342,36 @@
     return wrap;
   }
 
+  const GUIDANCE_LABEL = {
+    "cannot-tell-yet": "cannot tell yet", "keep-scanning": "keep scanning",
+    "enough-data": "enough data", "not-settling": "not settling",
+  };
+
+  function renderGuidance(s) {
+    const panel = $("guidance-panel");
+    const g = s ? s.guidance : null;
+    const st = $("guidance-state");
+    if (!g) {
+      panel.dataset.state = "none";
+      st.textContent = ""; st.className = "status";
+      $("guidance-message").textContent = s && s.target ? "…" : "waiting for the first target…";
+      $("guidance-range").textContent = "";
+      $("guidance-reason").textContent = "";
+      return;
+    }
+    panel.dataset.state = g.state;
+    st.textContent = GUIDANCE_LABEL[g.state] || g.state;
+    st.className = "status status-" + g.state;
+    $("guidance-message").textContent = g.message;
+    const parts = [];
+    if (g.minutes_more_range) parts.push("likely " + fmt(g.minutes_more_range[0], 0) + "–" + fmt(g.minutes_more_range[1], 0) + " more minutes");
+    if (g.split_half_mm !== null) parts.push("split-half " + fmt(g.split_half_mm, 1) + " mm");
+    if (g.drift_mm !== null) parts.push("drift " + fmt(g.drift_mm, 1) + " mm/min");
+    if (g.good_minutes !== null) parts.push(fmt(g.good_minutes, 1) + " good min" + (g.fd_threshold_mm !== null ? " (FD < " + g.fd_threshold_mm + " mm)" : ""));
+    $("guidance-range").textContent = parts.join(" · ");
+    $("guidance-reason").textContent = g.reason;
+  }
+
   let drawnTarget = null;
 
   function renderTarget(s) {
@@ -471,6 +502,7 @@
     renderTitle(s);
     renderTiles(s);
     renderUsable(s);
+    renderGuidance(s);
     renderCharts(s);
     renderTarget(s);
     renderWarnings(s);
