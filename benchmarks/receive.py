@@ -41,7 +41,7 @@ from boldstream.logs import configure_logging
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.volume import Volume
 from boldstream.simulator.phantom import make_phantom_run
-from boldstream.simulator.send import SendOptions, send_run, write_run
+from boldstream.simulator.send import SendOptions, write_run
 
 
 def _native(name: str) -> str:
@@ -250,12 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             par_rows.append([str(senders), f"{statistics.median(values):,.0f}"])
         print("\nper-slice 90x90x60, default storescu, parallel associations into boldstream\n")
         print(table(["associations", "instances/s"], par_rows))
-        # Paced like a scanner (20x real time at TR 2 s: a volume every 100 ms),
-        # as opposed to the flood above, where volumes also queue behind each other.
-        paced = make_phantom_run(n_volumes=60, tr_s=2.0, shape=(64, 64, 36), voxel_mm=3.0)
+        # Paced like a scanner (20x real time at TR 2 s: a volume every 100 ms), sent by
+        # `boldstream simulate` in its own process, as opposed to the flood above, where
+        # volumes also queue behind each other.
         for encoding, label in (("mosaic", "mosaic 64x64x36"), ("slice", "per-slice 64x64x36")):
             with _boldstream(root, quickack=True) as (port, vols, rec):
-                send_run(paced, "127.0.0.1", port, SendOptions(encoding=encoding, pace=20.0))
+                subprocess.run(
+                    [sys.executable, "-m", "boldstream", "simulate", "--volumes", "60",
+                     "--encoding", encoding, "--pace", "20", "--port", str(port)],
+                    check=True, capture_output=True, timeout=300,
+                )  # fmt: skip
                 rec.ingest.wait_idle(60)
                 latency[f"{label}, paced at 20x real time"] = [
                     (v.assembled - v.last_received) * 1e3 for v in vols

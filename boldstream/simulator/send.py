@@ -108,6 +108,67 @@ def iter_instances(run: PhantomRun, options: SendOptions) -> Iterator[tuple[int,
         yield t, chosen + extra
 
 
+class _TrackedCheckpoint:
+    """pynetdicom's reactor checkpoint (an Event), able to tell when the reactor is parked.
+
+    A requestor's ``send_c_store`` pauses the association's reactor thread by
+    clearing this event and waiting for ``_is_paused``; but the reactor sets
+    ``_is_paused`` just *before* calling ``wait()``, so the sender can see it
+    while the reactor is about to run one more loop, in which it takes the
+    C-STORE response off the queue ("Received unexpected C-STORE service
+    message") and the sender waits out its DIMSE timeout (pydicom/pynetdicom
+    #850). Counting the threads really blocked in ``wait()`` on a cleared
+    event closes that window.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._flag = True
+        self._parked = 0
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if not self._flag:
+                self._parked += 1
+                try:
+                    self._cond.wait_for(lambda: self._flag, timeout)
+                finally:
+                    self._parked -= 1
+            return self._flag
+
+    def park_reactor(self, timeout: float) -> bool:
+        """Clear, then wait until the reactor blocks here; True if it did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._flag = False
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._parked:
+                    return True
+            time.sleep(0.0002)
+        return False
+
+
+def _store(assoc: Any, ds: Dataset, timeout_s: float) -> Any:
+    """``send_c_store`` with the reactor parked first (see :class:`_TrackedCheckpoint`)."""
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if isinstance(checkpoint, _TrackedCheckpoint) and not checkpoint.park_reactor(timeout_s):
+        raise SimulatorError("the association's reactor did not pause (association lost?)")
+    return assoc.send_c_store(ds)
+
+
 def _associate(host: str, port: int, options: SendOptions) -> Any:
     ae = AE(ae_title=options.calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = options.timeout_s
@@ -120,6 +181,9 @@ def _associate(host: str, port: int, options: SendOptions) -> Any:
             f"cannot associate with {options.called_aet} at {host}:{port} ({why}); "
             "is boldstream serve running there, and is our AE title allowed?"
         )
+    if hasattr(getattr(assoc, "_reactor_checkpoint", None), "wait"):
+        # The reactor reads the attribute on every loop, so it moves to this one.
+        assoc._reactor_checkpoint = _TrackedCheckpoint()
     return assoc
 
 
@@ -149,7 +213,7 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
             return
         try:
             while (ds := work.get()) is not None:
-                status = assoc.send_c_store(ds)
+                status = _store(assoc, ds, options.timeout_s)
                 code = int(getattr(status, "Status", -1)) if status else -1
                 with lock:
                     report.instances += 1
