@@ -28,6 +28,7 @@ import pydicom
 from boldstream.config.settings import Settings
 from boldstream.errors import BoldstreamError, DicomInputError
 from boldstream.pipeline.connectivity_stage import ConnectivityStage, connectivity_options
+from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
 from boldstream.pipeline.stages import SKIPPED, MotionStage, QCStage, stage_options
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import decode_instance
@@ -182,6 +183,9 @@ def replay(
     if with_connectivity:
         conn_options = connectivity_options(settings)
         chain.append(ConnectivityStage(**conn_options, forward_corrected=sink is not None))
+        if settings.guidance.enabled:
+            # The same guidance serve's hub publishes, from the qc and target results.
+            chain.append(GuidanceStage(**guidance_options(settings)))
     p = settings.pipeline
     orderer = Orderer(timeout_s=p.order_timeout_s, max_pending=p.order_max_pending)
     out: dict[tuple[str, str], SeriesReplay] = {}
