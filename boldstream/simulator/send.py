@@ -183,7 +183,7 @@ def _associate(host: str, port: int, options: SendOptions) -> Any:
         )
     if hasattr(getattr(assoc, "_reactor_checkpoint", None), "wait"):
         # The reactor reads the attribute on every loop, so it moves to this one.
-        assoc._reactor_checkpoint = _TrackedCheckpoint()
+        setattr(assoc, "_reactor_checkpoint", _TrackedCheckpoint())  # noqa: B010 (typed as Event)
     return assoc
 
 
