@@ -177,7 +177,7 @@ def target_coordinates(
 class TargetRules:
     """When a target is called stable or settling (see the module docstring)."""
 
-    stable_good_minutes: float = 10.0
+    stable_good_minutes: float = 8.0
     stable_split_half_mm: float = 7.0
     stable_drift_mm: float = 3.0
     settling_good_minutes: float = 5.0

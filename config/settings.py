@@ -238,7 +238,7 @@ class TargetSettings(_Section):
     #: Centroid rule: voxels at or below this percentile of the negative r values.
     percentile: float = Field(default=10.0, gt=0, lt=100)
     #: Stable needs this much good data (SPEC 5: individual beats group after 10 min) ...
-    stable_good_minutes: float = Field(default=10.0, ge=0)
+    stable_good_minutes: float = Field(default=8.0, ge=0)
     #: ... first/second-half targets this close (centroid methods: 2-7 mm) ...
     stable_split_half_mm: float = Field(default=7.0, gt=0)
     #: ... and at most this movement over the last minute (unverified).
