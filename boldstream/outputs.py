@@ -66,6 +66,33 @@ log = get_logger("outputs")
 _STOP: Final = object()
 
 
+def pipeline_metrics(health: dict[str, Any]) -> str:
+    """Prometheus text for :meth:`Pipeline.health`: per stage alive, restarts, lag."""
+    lines = [
+        "# HELP boldstream_pipeline_stage_up 1 while the stage answers its health probe.",
+        "# TYPE boldstream_pipeline_stage_up gauge",
+    ]
+    lag_lines = [
+        "# HELP boldstream_pipeline_stage_lag_seconds Age of the newest volume the stage "
+        "handled, at its last message.",
+        "# TYPE boldstream_pipeline_stage_lag_seconds gauge",
+    ]
+    restart_lines = [
+        "# HELP boldstream_pipeline_stage_restarts_total Times the supervisor restarted the stage.",
+        "# TYPE boldstream_pipeline_stage_restarts_total counter",
+    ]
+    for stage in health.get("stages", []):
+        label = f'{{stage="{stage.get("name", "?")}"}}'
+        lines.append(f"boldstream_pipeline_stage_up{label} {1 if stage.get('alive') else 0}")
+        restart_lines.append(
+            f"boldstream_pipeline_stage_restarts_total{label} {int(stage.get('restarts', 0))}"
+        )
+        lag = stage.get("lag_s")
+        if isinstance(lag, int | float):
+            lag_lines.append(f"boldstream_pipeline_stage_lag_seconds{label} {float(lag)!r}")
+    return "\n".join([*lines, *lag_lines, *restart_lines]) + "\n"
+
+
 def start_dashboard(
     pipeline: Pipeline,
     settings: DashboardSettings,
@@ -87,6 +114,7 @@ def start_dashboard(
         context=context,
         token=token,
         curve=pipeline.subscriber_curve(),
+        extra_metrics=lambda: pipeline_metrics(pipeline.health(timeout=0.5)),
     )
     dashboard.start()
     return dashboard

@@ -37,6 +37,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -294,7 +295,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
 
     def _metrics(self) -> None:
-        text = metrics.exposition(self.server.dashboard.state.metrics())
+        dashboard = self.server.dashboard
+        text = metrics.exposition(dashboard.state.metrics())
+        if dashboard.extra_metrics is not None:
+            try:
+                text += dashboard.extra_metrics()
+            except Exception as exc:  # never let a probe break the scrape
+                log.warning("extra metrics failed", error=str(exc))
         self._send(HTTPStatus.OK, text.encode(), metrics.CONTENT_TYPE)
 
     def _events(self) -> None:
@@ -368,6 +375,7 @@ class Dashboard:
         token: str | None = None,
         require_token: bool | None = None,
         curve: CurveClient | None = None,
+        extra_metrics: Callable[[], str] | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
@@ -381,6 +389,9 @@ class Dashboard:
             )
         self.token = None if token is None else _check_token(token)
         self.curve = curve
+        #: More Prometheus exposition text appended to /metrics (e.g. stage lag
+        #: from the pipeline that runs in the same process).
+        self.extra_metrics = extra_metrics
         self.pub_endpoint = pub_endpoint
         self.host = host
         self.heartbeat_s = float(heartbeat_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -83,6 +84,16 @@ def test_serve_runs_the_dashboard_and_writes_finished_bids_files(tmp_path: Path)
         (series,) = snapshot["series"]
         assert series["qc"]["index"] == list(range(N))
         assert series["receiver"]["received"] == N
+        # Ops: the pipeline's stages, their lag and restarts, on the same /metrics.
+        with urllib.request.urlopen(server.dashboard_url + "metrics", timeout=10) as reply:
+            exposition = reply.read().decode()
+        # (a stage too busy to answer its 0.5 s probe is reported down, with no lag)
+        up = re.search(r'boldstream_pipeline_stage_up\{stage="motion"\} ([01])', exposition)
+        assert up is not None, exposition
+        assert 'boldstream_pipeline_stage_restarts_total{stage="qc"} 0' in exposition
+        if up.group(1) == "1":
+            assert 'boldstream_pipeline_stage_lag_seconds{stage="motion"}' in exposition
+        assert "boldstream_dashboard_volumes_received_total" in exposition
         # Written while the scan goes: the partial BOLD series and the confounds rows.
         (func,) = out.glob("sub-*/func")
         assert list(func.glob("*_desc-preproc_bold.nii")) != []
