@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-__all__ = ["require_tool"]
+__all__ = ["free_port", "require_tool"]
 
 
 def _is_native_binary(path: Path) -> bool:
@@ -30,3 +31,11 @@ def require_tool(name: str) -> str:
         if os.access(candidate, os.X_OK) and _is_native_binary(candidate):
             return str(candidate)
     pytest.fail(f"native {name} is not installed; .ci/run installs it with apt-get")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for peers that cannot bind port 0 themselves)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

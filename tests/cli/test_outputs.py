@@ -8,19 +8,16 @@ study comes from an instance in a spool folder laid out as the receiver's.
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from peers import require_tool
+from peers import free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -40,53 +37,6 @@ pytestmark = pytest.mark.timeout(120)
 STUDY_UID = "1.2.826.0.1.3680043.10.543.91"
 SERIES_UID = f"{STUDY_UID}.7"
 SHAPE = (12, 14, 10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    out = tmp_path / "received"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            require_tool("storescp"),
-            "-aet",
-            "TESTPACS",
-            "-od",
-            str(out),
-            "+uf",
-            "-fe",
-            ".dcm",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 10.0
-        while True:  # until it accepts connections (bounded)
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"storescp did not start on port {port}")
-                time.sleep(0.02)
-        yield port, out
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5.0)
 
 
 def series() -> SeriesInfo:
