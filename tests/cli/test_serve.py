@@ -10,6 +10,8 @@ import pytest
 from peers import require_tool
 from serve_process import ServeProcess
 
+from boldstream.cli import COMMANDS
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -95,7 +97,7 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
         first.terminate()
 
 
-@pytest.mark.parametrize("command", ["serve", "simulate", "demo"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "boldstream", command, "--help"],
