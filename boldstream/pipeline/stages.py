@@ -35,6 +35,7 @@ transform), so the pipeline, which drops duplicates, publishes each result once.
 
 from __future__ import annotations
 
+import abc
 import multiprocessing
 import os
 import signal
@@ -125,7 +126,7 @@ class _SeriesState:
     last_index: int | None = None
 
 
-class _SeriesStage(Stage):
+class _SeriesStage(Stage, abc.ABC):
     """Per-series state, the in-order gate, failure isolation and checkpoints."""
 
     def __init__(
@@ -159,23 +160,23 @@ class _SeriesStage(Stage):
 
     # -- subclass hooks -------------------------------------------------------
 
+    @abc.abstractmethod
     def gate_index(self, message: Message) -> int | None:
         """Index of a message that must be handled in order, None to pass it on."""
-        raise NotImplementedError
 
-    def new_state(self, series: SeriesInfo) -> _SeriesState:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def new_state(self, series: SeriesInfo) -> _SeriesState: ...
 
+    @abc.abstractmethod
     def restore_state(
         self, series: SeriesInfo, index: int, state: dict[str, Any], arrays: dict[str, Any]
-    ) -> _SeriesState:
-        raise NotImplementedError
+    ) -> _SeriesState: ...
 
-    def handle(self, state: _SeriesState, message: Message, fresh: bool) -> list[Message]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def handle(self, state: _SeriesState, message: Message, fresh: bool) -> list[Message]: ...
 
-    def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
     # -- the loop's calls -------------------------------------------------------
 
