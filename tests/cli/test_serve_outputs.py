@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,16 @@ def test_serve_runs_the_dashboard_and_writes_finished_bids_files(tmp_path: Path)
         )
         assert sent.returncode == 0, sent.stderr
         assert server.wait_for(lambda logs: _published(logs) >= N, timeout=90)
-        status, snapshot = _get(server.dashboard_url + "api/snapshot")
-        assert status == 200
-        (series,) = snapshot["series"]
+        # The dashboard hears the results over its own subscription, a moment
+        # after the hub logs them: poll its snapshot (bounded).
+        deadline = time.monotonic() + 30
+        while True:
+            status, snapshot = _get(server.dashboard_url + "api/snapshot")
+            assert status == 200
+            (series,) = snapshot["series"]
+            if len(series["qc"]["index"]) >= N or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert series["qc"]["index"] == list(range(N))
         assert series["receiver"]["received"] == N
         # Ops: the pipeline's stages, their lag and restarts, on the same /metrics.
