@@ -9,8 +9,6 @@ round trip RAS -> LPS (this edge) -> RAS (the receiver) is checked end to end.
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from peers import require_tool
+from peers import free_port, storescp_peer
 from pydicom.dataset import Dataset
 
 from boldstream.errors import SinkError
@@ -36,43 +34,12 @@ STUDY_UID = "1.2.826.0.1.3680043.10.543.77"
 FOR_UID = "1.2.826.0.1.3680043.10.543.77.9"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[PacsPeer, Path]]:
-    binary = require_tool("storescp")
     out = tmp_path / "received"
     out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "-aet", "TESTPACS", "-od", str(out), "+uf", "-fe", ".dcm", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 10.0
-        while True:  # until it accepts connections (bounded)
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    output = proc.stdout.read().decode() if proc.stdout else ""
-                    pytest.fail(f"storescp did not start on port {port}: {output}")
-                time.sleep(0.02)
+    with storescp_peer(out) as port:
         yield PacsPeer("127.0.0.1", port, "TESTPACS", timeout_s=10.0), out
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5.0)
 
 
 def series() -> SeriesInfo:
