@@ -60,7 +60,14 @@ from boldstream.analysis.rois import TemplateRois, template_rois
 from boldstream.analysis.target import TargetRules, TargetTracker
 from boldstream.config.settings import Settings
 from boldstream.errors import AnalysisError
-from boldstream.pipeline.stages import CORRECTED, SKIPPED, _Gate, _SeriesStage, _SeriesState
+from boldstream.pipeline.stages import (
+    CORRECTED,
+    SKIPPED,
+    _Gate,
+    _SeriesStage,
+    _SeriesState,
+    corrected_index,
+)
 from boldstream.receiver.volume import SeriesInfo
 from boldstream.sinks import topics
 from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, series_key
@@ -139,12 +146,7 @@ class ConnectivityStage(_SeriesStage):
     # -- hooks ------------------------------------------------------------------------
 
     def gate_index(self, message: Message) -> int | None:
-        p = message.payload
-        if isinstance(p, Gap):
-            return p.index
-        if isinstance(p, Result) and p.topic in (CORRECTED, SKIPPED):
-            return p.index
-        return None
+        return corrected_index(message)
 
     def new_state(self, series: SeriesInfo) -> _SeriesState:
         tr = series.tr_s if series.tr_s is not None and series.tr_s > 0 else self.default_tr_s

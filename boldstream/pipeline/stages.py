@@ -116,6 +116,20 @@ class _Gate:
         return out
 
 
+def corrected_index(message: Message) -> int | None:
+    """The volume index of motion's output (a corrected or skipped volume, or a gap).
+
+    Stages after motion (QC, connectivity) take these in temporal order and
+    pass every other message straight on.
+    """
+    p = message.payload
+    if isinstance(p, Gap):
+        return p.index
+    if isinstance(p, Result) and p.topic in (CORRECTED, SKIPPED):
+        return p.index
+    return None
+
+
 @dataclass(eq=False)
 class _SeriesState:
     info: SeriesInfo
@@ -558,12 +572,7 @@ class QCStage(_SeriesStage):
         }
 
     def gate_index(self, message: Message) -> int | None:
-        p = message.payload
-        if isinstance(p, Gap):
-            return p.index
-        if isinstance(p, Result) and p.topic in (CORRECTED, SKIPPED):
-            return p.index
-        return None
+        return corrected_index(message)
 
     def new_state(self, series: SeriesInfo) -> _SeriesState:
         return _QCSeries(info=series, gate=_Gate())
