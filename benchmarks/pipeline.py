@@ -20,18 +20,21 @@ inproc:// and as spawned processes over ipc:// and tcp://127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line, table
 
 from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.stream.codec import recv, send
@@ -230,30 +233,11 @@ def bench_chain(n: int, modes: list[str], shape_name: str) -> list[list[str]]:
     return rows
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    return "\n".join([line, rule, *body])
-
-
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for text in f:
-                if text.startswith("model name"):
-                    model = text.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """The shared machine line plus the versions this benchmark depends on."""
     return (
-        f"{datetime.now(UTC):%Y-%m-%d}, nproc {os.cpu_count()}, {model}, "
-        f"Python {platform.python_version()}, pyzmq {zmq.__version__}, "
-        f"libzmq {zmq.zmq_version()}, numpy {np.__version__}"
+        f"{machine_line()}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
+        f"numpy {np.__version__}"
     )
 
 
