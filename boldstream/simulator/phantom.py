@@ -11,7 +11,8 @@ Signal model per brain voxel ``v`` and volume ``t``::
 
 - ``S0``: EPI-like contrast, CSF > GM > WM, times a smooth receive-coil bias;
 - components ``c_k``: 0.01-0.1 Hz band-limited unit-variance time courses for a
-  global signal, a few smooth spatial "networks", a CSF pulsation term and the
+  global signal, a few smooth spatial "networks" (kept off the seed, so the
+  planted pair is the seed's only network), a CSF pulsation term and the
   planted sgACC/DLPFC pair (``target = -r * seed + sqrt(1 - r^2) * other``);
 - then Rician thermal noise ``|S + n1 + i n2|`` in the EPI grid.
 
@@ -257,9 +258,15 @@ def _head_model(seed: int, radius_mm: float, target_mni: tuple[float, float, flo
     g, w, c = gm.ravel()[index], wm.ravel()[index], csf.ravel()[index]
     tissue = g + 0.4 * w + 0.2 * c
     comps: list[npt.NDArray[np.floating[Any]]] = [0.004 * tissue]  # global signal, ~0.4 %
+    # The background networks leave the seed alone: where they loaded on the
+    # sgACC they coupled it to random parts of the DLPFC for real (a weak but
+    # reproducible anticorrelated cluster in about one "null" run in three),
+    # so the planted pair would not be the only seed network and a null run
+    # would not be null. 14 mm: the 10 mm seed ROI plus registration error.
+    off_seed = 1.0 - _soft_sphere(grid_mm, SEED_MNI, 14.0)
     for _ in range(6):  # smooth background "networks"
         field_ = ndimage.gaussian_filter(rng.standard_normal(gm.shape), 4.0).ravel()[index]
-        comps.append(0.003 * (g + 0.3 * w) * field_ / field_.std())
+        comps.append(0.003 * (g + 0.3 * w) * off_seed * field_ / field_.std())
     comps.append(0.01 * c)  # CSF pulsation
     planted = 0.9 * (g + 0.25)
     comps.append(0.02 * planted * _soft_sphere(grid_mm, SEED_MNI, radius_mm))
