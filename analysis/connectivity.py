@@ -58,6 +58,7 @@ from scipy import signal
 
 from boldstream.analysis._rigid import displacement_mm, params_to_matrix, volume_centre
 from boldstream.analysis.registration import NativeRois
+from boldstream.analysis.significance import surrogate_correlations
 from boldstream.errors import AnalysisError
 
 __all__ = [
@@ -248,8 +249,8 @@ def bandpass(data: F64, tr_s: float, low_hz: float, high_hz: float, good: npt.Ar
     return out
 
 
-def _ols_correlation(y: F64, s: F64, x: F64) -> F64:
-    """Pearson r of the residuals of ``y`` (T, V) and ``s`` (T,) on ``[1, x]``."""
+def _residualise(y: F64, s: F64, x: F64) -> tuple[F64, F64, F64]:
+    """Residuals of ``y`` (T, V) and ``s`` (T,) on ``[1, x]``, and that design's basis."""
     design = np.column_stack([np.ones(y.shape[0]), x])
     # standardise the regressors so that rank decisions do not depend on units
     sd = design.std(axis=0)
@@ -261,12 +262,22 @@ def _ols_correlation(y: F64, s: F64, x: F64) -> F64:
     q = q[:, rank_ok]
     ry = y - q @ (q.T @ y)
     rs = s - q @ (q.T @ s)
+    return ry, rs, q
+
+
+def _pearson(ry: F64, rs: F64) -> F64:
     num = rs @ ry
     den = np.sqrt(np.einsum("tv,tv->v", ry, ry) * float(rs @ rs))
-    out = np.full(y.shape[1], np.nan)
+    out = np.full(ry.shape[1], np.nan)
     ok = den > 0
     out[ok] = num[ok] / den[ok]
     return out
+
+
+def _ols_correlation(y: F64, s: F64, x: F64) -> F64:
+    """Pearson r of the residuals of ``y`` (T, V) and ``s`` (T,) on ``[1, x]``."""
+    ry, rs, _ = _residualise(y, s, x)
+    return _pearson(ry, rs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +303,9 @@ class SearchMaps:
     second: F64 | None
     good_frames: int
     bandpassed: bool
+    #: Correlations of phase-randomised seeds with the same voxels (n, V), for
+    #: :mod:`boldstream.analysis.significance`; None unless asked for.
+    null: F64 | None = None
 
 
 class SeedConnectivity:
@@ -448,8 +462,15 @@ class SeedConnectivity:
             order = np.concatenate([np.arange(start, self.capacity), np.arange(start)])
         return self._y[order], self._s[order], self._x[order], self._good[order]
 
-    def search_maps(self, *, bandpassed: bool = True, halves: bool = True) -> SearchMaps:
-        """Exact correlations over the search voxels from the buffered frames."""
+    def search_maps(
+        self, *, bandpassed: bool = True, halves: bool = True, surrogates: int = 0
+    ) -> SearchMaps:
+        """Exact correlations over the search voxels from the buffered frames.
+
+        ``surrogates`` > 0 also returns that many maps of phase-randomised
+        seeds (the null of :mod:`boldstream.analysis.significance`), drawn
+        from a generator seeded by the frame count (reproducible in replay).
+        """
         y32, s, x, good = self.buffered()
         n_good = int(good.sum())
         nan = np.full(self.search_index.size, np.nan)
@@ -462,7 +483,13 @@ class SeedConnectivity:
             filt = bandpass(cols, self.tr_s, low, high, good)
             s, x, y = filt[:, 0], filt[:, 1 : 1 + x.shape[1]], filt[:, 1 + x.shape[1] :]
         rows = np.flatnonzero(good)
-        full = _ols_correlation(y[rows], s[rows], x[rows])
+        ry, rs, basis = _residualise(y[rows], s[rows], x[rows])
+        full = _pearson(ry, rs)
+        null = None
+        if surrogates > 0:
+            rng = np.random.default_rng([self.frames, 0x5EED])
+            null = surrogate_correlations(ry, rs, basis, surrogates, rng)
+        del ry
         first = second = None
         half = rows.size // 2
         if halves and half >= self.n_regressors + 3:
@@ -473,7 +500,9 @@ class SeedConnectivity:
         for values in (full, first, second):
             if values is not None:
                 values[outside] = np.nan
-        return SearchMaps(full, first, second, n_good, bandpassed)
+        if null is not None:
+            null[:, outside] = np.nan
+        return SearchMaps(full, first, second, n_good, bandpassed, null)
 
     def as_volume(self, values: F64) -> F32:
         """Search-voxel values as a volume (0 elsewhere, NaN as 0)."""

@@ -21,6 +21,15 @@ SPEC section 5:
   after >= 10 min of good data, and centroid methods reach 2-7 mm between
   sessions (hence split-half <= 7 mm). The drift limit (3 mm per minute) and
   the settling thresholds (5 min, 15 mm) are our own choice (unverified).
+- Beyond chance: a seed map always has a most negative spot, and with no
+  real anticorrelated cluster the split-half and drift of a noise map can
+  dip under their limits by luck (a 12-minute null phantom run did, twice
+  in a row). So stable also needs the strongest smoothed anticorrelation of
+  the region to beat ``p <= 0.01`` against phase-randomised seeds
+  (:mod:`boldstream.analysis.significance`; settling needs ``p <= 0.05``),
+  and the p, split-half and drift limits to have held at every recompute
+  for a minute (``stable_hold_s``). Both are our own choice (unverified
+  clinically; chosen on simulated null runs, see docs/guidance.md).
   The reasons a target is not stable are listed, in words, with the minutes
   lost to censoring.
 """
@@ -36,7 +45,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from boldstream.analysis.connectivity import SeedConnectivity
+from boldstream.analysis.connectivity import SearchMaps, SeedConnectivity
+from boldstream.analysis.significance import NullTest, max_statistic_test
 from boldstream.errors import AnalysisError
 
 __all__ = [
@@ -66,29 +76,38 @@ def _voxel_sizes(vox2ras: F64) -> F64:
 def smooth_in_region(
     volume: npt.ArrayLike, region: Mask, vox2ras: npt.ArrayLike, fwhm_mm: float
 ) -> F64:
-    """Gaussian smoothing of ``volume`` restricted to ``region`` (NaN outside it)."""
+    """Gaussian smoothing of ``volume`` restricted to ``region`` (NaN outside it).
+
+    ``volume`` may be a stack (n, X, Y, Z) of maps smoothed alike; a voxel
+    that is not finite in every map of the stack is left out of all.
+    """
     vol = np.asarray(volume, dtype=np.float64)
-    mask = np.asarray(region, dtype=bool) & np.isfinite(vol)
-    out = np.full(vol.shape, np.nan)
-    if not mask.any():
-        return out
-    if fwhm_mm <= 0:
-        out[mask] = vol[mask]
-        return out
-    sigma = fwhm_mm * _FWHM_TO_SIGMA / _voxel_sizes(np.asarray(vox2ras, dtype=np.float64))
-    pad = np.ceil(3.0 * sigma).astype(int) + 1
-    nz = np.argwhere(mask)
-    lo = np.maximum(nz.min(axis=0) - pad, 0)
-    hi = np.minimum(nz.max(axis=0) + pad + 1, vol.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    m = mask[box].astype(np.float64)
-    num = ndimage.gaussian_filter(np.where(mask[box], vol[box], 0.0), sigma, mode="constant")
-    den = ndimage.gaussian_filter(m, sigma, mode="constant")
-    inner = np.full(m.shape, np.nan)
-    ok = mask[box] & (den > 1e-6)
-    inner[ok] = num[ok] / den[ok]
-    out[box] = inner
-    return out
+    stacked = vol.ndim == 4
+    stack = vol if stacked else vol[None]
+    mask = np.asarray(region, dtype=bool) & np.isfinite(stack).all(axis=0)
+    out = np.full(stack.shape, np.nan)
+    if mask.any() and fwhm_mm <= 0:
+        out[:, mask] = stack[:, mask]
+    elif mask.any():
+        sigma = fwhm_mm * _FWHM_TO_SIGMA / _voxel_sizes(np.asarray(vox2ras, dtype=np.float64))
+        pad = np.ceil(3.0 * sigma).astype(int) + 1
+        nz = np.argwhere(mask)
+        lo = np.maximum(nz.min(axis=0) - pad, 0)
+        hi = np.minimum(nz.max(axis=0) + pad + 1, mask.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        inside = mask[box]
+        den = ndimage.gaussian_filter(inside.astype(np.float64), sigma, mode="constant")
+        ok = inside & (den > 1e-6)
+        # in chunks: a stack of surrogate maps must not hold n boxes of float64 twice
+        for start in range(0, stack.shape[0], 32):
+            part = stack[start : start + 32][(slice(None), *box)]
+            num = ndimage.gaussian_filter(
+                np.where(inside, part, 0.0), (0.0, *sigma), mode="constant"
+            )
+            inner = np.full(part.shape, np.nan)
+            inner[:, ok] = num[:, ok] / den[ok]
+            out[(slice(start, start + 32), *box)] = inner
+    return out if stacked else out[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +199,28 @@ class TargetRules:
     stable_good_minutes: float = 8.0
     stable_split_half_mm: float = 7.0
     stable_drift_mm: float = 3.0
+    #: Stable needs the region's anticorrelation beyond chance at this p ...
+    stable_p: float = 0.01
+    #: ... and the p, split-half and drift limits met at every recompute over
+    #: at least this long (one lucky recompute of a noise map is not stable).
+    stable_hold_s: float = 60.0
     settling_good_minutes: float = 5.0
     settling_split_half_mm: float = 15.0
+    #: Settling needs at least this (looser) significance.
+    settling_p: float = 0.05
+
+    def steady(
+        self, *, p_value: float | None, split_half_mm: float | None, drift_mm: float | None
+    ) -> bool:
+        """Does one recompute meet the p, split-half and drift limits of stable?"""
+        return (
+            p_value is not None
+            and p_value <= self.stable_p
+            and split_half_mm is not None
+            and split_half_mm <= self.stable_split_half_mm
+            and drift_mm is not None
+            and drift_mm <= self.stable_drift_mm
+        )
 
     def judge(
         self,
@@ -190,14 +229,31 @@ class TargetRules:
         split_half_mm: float | None,
         drift_mm: float | None,
         censored_minutes: float,
+        p_value: float | None = None,
+        held_s: float | None = None,
+        strongest_r: float | None = None,
     ) -> tuple[Status, list[str]]:
-        """The status and, when it is not stable, why (in words)."""
+        """The status and, when it is not stable, why (in words).
+
+        ``p_value`` is the surrogate test of the strongest anticorrelation
+        (``strongest_r``); without a test a target is never stable.
+        ``held_s`` is how long every recompute up to this one has been
+        :meth:`steady` (None: this one is not).
+        """
         reasons: list[str] = []
         if good_minutes < self.stable_good_minutes:
             text = f"{good_minutes:.1f} good minutes, stable needs {self.stable_good_minutes:g}"
             if censored_minutes > 0:
                 text += f" ({censored_minutes:.1f} min censored: FD or flagged volumes)"
             reasons.append(text)
+        if p_value is None:
+            reasons.append("the anticorrelation has not been tested against chance")
+        elif p_value > self.stable_p:
+            r = "" if strongest_r is None else f" (strongest r {strongest_r:.2f})"
+            reasons.append(
+                f"no anticorrelation beyond chance yet{r}: p = {p_value:.3f} against "
+                f"phase-randomised seeds (stable: p <= {self.stable_p:g})"
+            )
         if split_half_mm is None:
             reasons.append("too little good data to compare its two halves")
         elif split_half_mm > self.stable_split_half_mm:
@@ -212,12 +268,20 @@ class TargetRules:
                 f"moved {drift_mm:.1f} mm in the last minute "
                 f"(stable: <= {self.stable_drift_mm:g} mm)"
             )
+        steady = self.steady(p_value=p_value, split_half_mm=split_half_mm, drift_mm=drift_mm)
+        if steady and (held_s or 0.0) < self.stable_hold_s:
+            reasons.append(
+                f"within the stable limits for {held_s or 0.0:.0f} s so far "
+                f"(stable: held for {self.stable_hold_s:g} s)"
+            )
         if not reasons:
             return "stable", []
         settling = (
             good_minutes >= self.settling_good_minutes
             and split_half_mm is not None
             and split_half_mm <= self.settling_split_half_mm
+            and p_value is not None
+            and p_value <= self.settling_p
         )
         return ("settling" if settling else "provisional"), reasons
 
@@ -235,7 +299,12 @@ class TargetEstimate:
 
 
 class TargetTracker:
-    """Recomputes the target of one :class:`SeedConnectivity` and tracks its history."""
+    """Recomputes the target of one :class:`SeedConnectivity` and tracks its history.
+
+    ``surrogates`` phase-randomised seeds per recompute test the strongest
+    anticorrelation against chance (:mod:`boldstream.analysis.significance`);
+    0 skips the test, and then no target is ever called stable.
+    """
 
     def __init__(
         self,
@@ -247,11 +316,14 @@ class TargetTracker:
         rules: TargetRules | None = None,
         native2mni: npt.ArrayLike | None = None,
         drift_window_s: float = 60.0,
+        surrogates: int = 200,
     ) -> None:
         if method not in ("centroid", "peak"):
             raise AnalysisError(f"target method must be 'centroid' or 'peak', not {method!r}")
         if not 0 < percentile < 100:
             raise AnalysisError(f"percentile must be in (0, 100), not {percentile}")
+        if surrogates < 0:
+            raise AnalysisError(f"surrogates must be >= 0, not {surrogates}")
         self.method: Method = method
         self.fwhm_mm = float(fwhm_mm)
         self.percentile = float(percentile)
@@ -259,17 +331,40 @@ class TargetTracker:
         self.rules = rules or TargetRules()
         self.native2mni = None if native2mni is None else np.asarray(native2mni, dtype=np.float64)
         self.drift_window_s = float(drift_window_s)
+        self.surrogates = int(surrogates)
         #: (acquisition seconds, scanner RAS) of earlier targets.
         self.history: deque[tuple[float, F64]] = deque(maxlen=256)
+        #: Acquisition seconds of the first of the recomputes, up to the last
+        #: one, that were all :meth:`TargetRules.steady` (None: the last was not).
+        self.steady_since: float | None = None
+
+    def _smoothed(self, conn: SeedConnectivity, values: F64) -> F64:
+        """Search-voxel values (V,) or (n, V) as smoothed volumes (NaN outside the region)."""
+        stack = np.atleast_2d(values)
+        vol = np.full((stack.shape[0], *conn.shape), np.nan)
+        vol.reshape(stack.shape[0], -1)[:, conn.search_index] = stack
+        out = smooth_in_region(vol, conn.rois.search, conn.rois.vox2ras, self.fwhm_mm)
+        return out if np.ndim(values) == 2 else out[0]
 
     def _pick(self, conn: SeedConnectivity, values: F64 | None) -> TargetPoint | None:
         if values is None or not np.isfinite(values).any():
             return None
-        vol = np.full(conn.shape, np.nan)
-        vol.reshape(-1)[conn.search_index] = values
-        region = conn.rois.search
-        smoothed = smooth_in_region(vol, region, conn.rois.vox2ras, self.fwhm_mm)
-        return choose_target(smoothed, region, method=self.method, percentile=self.percentile)
+        smoothed = self._smoothed(conn, values)
+        return choose_target(
+            smoothed, conn.rois.search, method=self.method, percentile=self.percentile
+        )
+
+    def _test(self, conn: SeedConnectivity, maps: SearchMaps) -> NullTest | None:
+        """The strongest smoothed anticorrelation against the surrogates' (None: no test)."""
+        if maps.null is None or not np.isfinite(maps.all).any():
+            return None
+        smoothed = self._smoothed(conn, np.vstack([maps.all[None], maps.null]))
+        flat = smoothed.reshape(smoothed.shape[0], -1)
+        finite = np.asarray(np.isfinite(flat).any(axis=1), dtype=bool)
+        if not finite[0] or not finite[1:].any():
+            return None
+        minima = np.nanmin(flat[finite], axis=1)
+        return max_statistic_test(float(minima[0]), minima[1:])
 
     def _ras(self, conn: SeedConnectivity, point: TargetPoint) -> F64:
         a = conn.rois.vox2ras
@@ -278,7 +373,7 @@ class TargetTracker:
 
     def update(self, conn: SeedConnectivity) -> TargetEstimate | None:
         """Recompute from the connectivity so far; None while no target can be chosen."""
-        maps = conn.search_maps(bandpassed=self.bandpass, halves=True)
+        maps = conn.search_maps(bandpassed=self.bandpass, halves=True, surrogates=self.surrogates)
         point = self._pick(conn, maps.all)
         if point is None:
             return None
@@ -296,6 +391,14 @@ class TargetTracker:
                 drift = float(np.linalg.norm(ras - where))
                 break
         self.history.append((now_s, ras))
+        test = self._test(conn, maps)
+        p_value = None if test is None else test.p
+        if self.rules.steady(p_value=p_value, split_half_mm=split, drift_mm=drift):
+            if self.steady_since is None:
+                self.steady_since = now_s
+        else:
+            self.steady_since = None
+        held_s = None if self.steady_since is None else now_s - self.steady_since
         per_min = conn.tr_s / 60.0
         good_minutes = conn.good_frames * per_min
         censored_minutes = conn.censored_frames * per_min
@@ -304,6 +407,9 @@ class TargetTracker:
             split_half_mm=split,
             drift_mm=drift,
             censored_minutes=censored_minutes,
+            p_value=p_value,
+            held_s=held_s,
+            strongest_r=None if test is None else test.observed,
         )
         coords = target_coordinates(point.ijk, conn.rois.vox2ras, self.native2mni)
         values: dict[str, Any] = {
@@ -325,6 +431,11 @@ class TargetTracker:
             "fwhm_mm": self.fwhm_mm,
             "bandpassed": maps.bandpassed,
             "good_frames": maps.good_frames,
+            "p_value": p_value,
+            "strongest_r": None if test is None else test.observed,
+            "null_r_p05": None if test is None else test.null_p05,
+            "surrogates": 0 if test is None else test.surrogates,
+            "held_s": held_s,
         }
         cmap = conn.running_map()
         cmap.reshape(-1)[conn.search_index] = np.nan_to_num(maps.all, nan=0.0)

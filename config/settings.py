@@ -243,9 +243,30 @@ class TargetSettings(_Section):
     stable_split_half_mm: float = Field(default=7.0, gt=0)
     #: ... and at most this movement over the last minute (unverified).
     stable_drift_mm: float = Field(default=3.0, gt=0)
-    #: Settling: this much good data and split-half distance (unverified).
+    #: ... and its strongest anticorrelation beyond chance at this p against
+    #: phase-randomised seeds (our choice, tuned on simulated null runs) ...
+    stable_p: float = Field(default=0.01, gt=0, lt=1)
+    #: ... with the p, split-half and drift limits held for this long.
+    stable_hold_s: float = Field(default=60.0, ge=0)
+    #: Settling: this much good data, split-half distance and p (unverified).
     settling_good_minutes: float = Field(default=5.0, ge=0)
     settling_split_half_mm: float = Field(default=15.0, gt=0)
+    settling_p: float = Field(default=0.05, gt=0, lt=1)
+    #: Phase-randomised seeds per recompute for the p (p resolution 1/(n+1)).
+    null_surrogates: int = Field(default=200, ge=19, le=5000)
+
+    def rules(self) -> dict[str, float]:
+        """The keyword arguments of ``analysis.target.TargetRules``."""
+        return {
+            "stable_good_minutes": self.stable_good_minutes,
+            "stable_split_half_mm": self.stable_split_half_mm,
+            "stable_drift_mm": self.stable_drift_mm,
+            "stable_p": self.stable_p,
+            "stable_hold_s": self.stable_hold_s,
+            "settling_good_minutes": self.settling_good_minutes,
+            "settling_split_half_mm": self.settling_split_half_mm,
+            "settling_p": self.settling_p,
+        }
 
 
 class GuidanceSettings(_Section):

@@ -111,6 +111,7 @@ class ConnectivityStage(_SeriesStage):
         fwhm_mm: float = 5.0,
         percentile: float = 10.0,
         rules: dict[str, float] | None = None,
+        surrogates: int = 200,
         default_tr_s: float = 2.0,
         forward_corrected: bool = False,
         checkpoint_dir: str | Path | None = None,
@@ -136,6 +137,7 @@ class ConnectivityStage(_SeriesStage):
             "fwhm_mm": fwhm_mm,
             "percentile": percentile,
             "bandpass": bandpass,
+            "surrogates": surrogates,
         }
         self.rules = TargetRules(**(rules or {}))
         self.every_s = float(every_s)
@@ -352,12 +354,7 @@ def connectivity_options(settings: Settings) -> dict[str, Any]:
         "every_s": t.every_s,
         "fwhm_mm": t.fwhm_mm,
         "percentile": t.percentile,
-        "rules": {
-            "stable_good_minutes": t.stable_good_minutes,
-            "stable_split_half_mm": t.stable_split_half_mm,
-            "stable_drift_mm": t.stable_drift_mm,
-            "settling_good_minutes": t.settling_good_minutes,
-            "settling_split_half_mm": t.settling_split_half_mm,
-        },
+        "rules": t.rules(),
+        "surrogates": t.null_surrogates,
         "default_tr_s": settings.qc.default_tr_s,
     }
