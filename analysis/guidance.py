@@ -17,9 +17,15 @@ and answers with one :class:`Guidance`, in one of four states:
     the latest target is ``stable`` by :class:`~boldstream.analysis.TargetRules`.
 ``not-settling``
     the split-half distance grew again (the reasons say why: minutes lost to
-    censoring, drift), or after ``verdict_good_minutes`` the fits rarely reach
+    censoring, drift), or after ``verdict_good_minutes`` the strongest
+    anticorrelation is still no stronger than chance or the fits rarely reach
     the limit within ``horizon_minutes`` of further scanning (a run with no
     anticorrelated network: the null case), or there is still no target.
+
+No time is ever predicted while the target's anticorrelation is no stronger
+than chance (its ``p_value`` above ``settling_p``, or untested): a noise map's
+split-half distance can shrink too, and a prediction from it would promise a
+null run a settled target.
 
 The prediction. Split-half distance ``d`` against good minutes ``m`` is fitted
 with ``d(m) = a / sqrt(m) + b`` (``a, b >= 0``, non-negative least squares):
@@ -28,7 +34,10 @@ more samples, ``b`` a floor that more data does not remove. The curve meets
 the stable limit ``T`` at ``m* = (a / (T - b))^2`` when ``b < T``; never
 otherwise. The uncertainty is a residual bootstrap: ``resamples`` refits to
 the fitted curve plus resampled residuals, each giving its own ``m*``. Good
-minutes still needed are ``max(m*, stable_good_minutes) - m_now``; they become
+minutes still needed are ``max(m* + hold, stable_good_minutes) - m_now``, where
+``hold`` is the good minutes in ``stable_hold_s`` (what the limits must still
+hold for, if they are met already), and the message says which of these
+binds; they become
 scan minutes by dividing by the good fraction so far (good minutes / scan
 minutes of the target). No prediction is made from fewer points, and none
 promises settling when most resampled fits do not reach ``T`` in time.
@@ -83,6 +92,11 @@ class GuidancePoint:
     censored_minutes: float = 0.0
     #: Scan minutes behind the target (good + censored when None).
     minutes: float | None = None
+    #: The target's test of its strongest anticorrelation against chance
+    #: (None: not tested, which never counts as beyond chance).
+    p_value: float | None = None
+    #: Seconds the stable limits have held up to this recompute (None: they do not now).
+    held_s: float | None = None
 
     @property
     def scan_minutes(self) -> float:
@@ -146,6 +160,14 @@ class Guidance:
             "fit": None if self.fit is None else self.fit.as_dict(),
             "reach_probability": self.reach_probability,
         }
+
+
+def _more_minutes(minutes: float) -> str:
+    """'about 3 more minutes', 'about 1 more minute', 'under a minute more'."""
+    n = round(minutes)
+    if n < 1:
+        return "under a minute more"
+    return f"about {n} more minute{'s' if n != 1 else ''}"
 
 
 def _crossing(a: float, b: float, limit: float) -> float:
@@ -253,6 +275,9 @@ class GuidanceModel:
         if len(series) < self.min_points or good_now < self.min_fit_minutes:
             return self._too_early(last, good_now, len(series))
         rebound = self._rebound()
+        chance = self._chance(last, good_now, rebound)
+        if chance is not None:
+            return chance
         if rebound is not None:
             return rebound
         m = np.array([s[0] for s in series])
@@ -262,15 +287,14 @@ class GuidanceModel:
             m, d, limit_mm=limit, resamples=self.resamples, seed=self.seed
         )
         latest = d[-1]
-        need = self._needed(crossings, latest <= limit, good_now, last)
+        below = latest <= limit
+        need = self._needed(crossings, below, good_now, last)
         more = (
             (need - good_now) / good_fraction if good_fraction > 0 else np.full_like(need, np.inf)
         )
         more = np.maximum(more, 0.0)
         reach = float(np.mean(more <= self.horizon_minutes))
-        point_need = self._needed(
-            np.array([fit.settled_good_minutes]), latest <= limit, good_now, last
-        )[0]
+        point_need = self._needed(np.array([fit.settled_good_minutes]), below, good_now, last)[0]
         point_more = (
             max(0.0, (point_need - good_now) / good_fraction) if good_fraction > 0 else math.inf
         )
@@ -291,13 +315,14 @@ class GuidanceModel:
             finite = np.where(np.isfinite(more), more, self.horizon_minutes)
             lo = float(min(np.percentile(finite, lo_q), point_more))
             hi = float(max(np.percentile(finite, hi_q), point_more))
+            binds = self._binding(point_need, good_now, below, last, fit)
+            span = "" if round(lo) == round(hi) else f" ({lo:.0f}-{hi:.0f} min)"
             return Guidance(
                 "keep-scanning",
-                f"keep scanning: about {point_more:.0f} more minutes for a settled target "
-                f"({lo:.0f}-{hi:.0f} min)",
+                f"keep scanning: {_more_minutes(point_more)} for a settled target{span}",
                 point_more,
                 (lo, hi),
-                trend + self._blockers(last),
+                binds + "; " + trend + self._blockers(last),
                 fit=fit,
                 reach_probability=reach,
             )
@@ -328,15 +353,86 @@ class GuidanceModel:
         scan = last.scan_minutes
         return last.good_minutes / scan if scan > 0 else 0.0
 
+    def _hold_good_minutes(self, last: GuidancePoint) -> float:
+        """Good minutes the stable limits must still hold for, if they held from now."""
+        return self.rules.stable_hold_s / 60.0 * self._good_fraction(last)
+
     def _needed(self, crossings: F64, below_now: bool, good_now: float, last: GuidancePoint) -> F64:
+        """Good minutes at which each predicted crossing would make the target stable."""
         need = np.asarray(crossings, dtype=np.float64).copy()
+        gf = self._good_fraction(last)
+        hold = self._hold_good_minutes(last)
         if below_now:
-            need = np.minimum(need, good_now)
+            held = (last.held_s or 0.0) / 60.0 * gf
+            # already within the limit: the fit no longer matters, the hold does
+            need = np.minimum(need, good_now) + max(0.0, hold - held)
+        else:
+            need = need + hold
         need = np.maximum(need, self.rules.stable_good_minutes)
         if last.drift_mm is None or last.drift_mm > self.rules.stable_drift_mm:
             # the drift is judged over the last minute: at least one more of it
-            need = np.maximum(need, good_now + self._good_fraction(last))
+            need = np.maximum(need, good_now + gf)
         return need
+
+    def _binding(
+        self,
+        need: float,
+        good_now: float,
+        below_now: bool,
+        last: GuidancePoint,
+        fit: GuidanceFit,
+    ) -> str:
+        """Which limit the predicted time waits for, in words."""
+        floor = self.rules.stable_good_minutes
+        if need <= floor + 1e-9 and (below_now or fit.settled_good_minutes <= floor):
+            return (
+                f"waiting for {floor:g} good minutes (now {good_now:.1f}): the split-half "
+                "distance is already within its limit"
+                if below_now
+                else f"waiting for {floor:g} good minutes (now {good_now:.1f}); the fit "
+                f"reaches {self.rules.stable_split_half_mm:g} mm before that"
+            )
+        if below_now:
+            return (
+                f"split-half within {self.rules.stable_split_half_mm:g} mm: waiting for it to "
+                f"hold {self.rules.stable_hold_s:g} s and for the drift over a minute"
+            )
+        return (
+            f"waiting for the split-half distance to reach {self.rules.stable_split_half_mm:g} mm "
+            f"and hold {self.rules.stable_hold_s:g} s"
+        )
+
+    def _chance(
+        self, last: GuidancePoint, good_now: float, rebound: Guidance | None
+    ) -> Guidance | None:
+        """No prediction while the anticorrelation is no stronger than chance.
+
+        The root cause comes first in the reason; a split-half that grew back
+        (``rebound``) is added to it, and makes the answer "not settling".
+        """
+        if last.p_value is not None and last.p_value <= self.rules.settling_p:
+            return None
+        tested = (
+            "has not been tested against chance"
+            if last.p_value is None
+            else f"is no stronger than chance (p = {last.p_value:.3f} against phase-randomised "
+            f"seeds; settling needs p <= {self.rules.settling_p:g})"
+        )
+        if good_now >= self.verdict_good_minutes or rebound is not None:
+            reason = (
+                f"after {good_now:.1f} good minutes the strongest anticorrelation in the search "
+                f"region {tested}: no anticorrelated cluster to target in this run"
+            )
+            if rebound is not None:
+                reason += "; " + rebound.reason
+            return Guidance("not-settling", NOT_SETTLING_ADVICE, None, None, reason)
+        return Guidance(
+            "cannot-tell-yet",
+            "cannot tell yet: keep scanning",
+            None,
+            None,
+            f"the strongest anticorrelation in the search region {tested}" + self._blockers(last),
+        )
 
     def _blockers(self, last: GuidancePoint) -> str:
         return "" if not last.reasons else "; not stable yet: " + "; ".join(last.reasons)
@@ -344,6 +440,7 @@ class GuidanceModel:
     def _enough(self, last: GuidancePoint) -> Guidance:
         split = "n/a" if last.split_half_mm is None else f"{last.split_half_mm:.1f} mm"
         drift = "n/a" if last.drift_mm is None else f"{last.drift_mm:.1f} mm"
+        p = "n/a" if last.p_value is None else f"{last.p_value:.3f}"
         r = self.rules
         return Guidance(
             "enough-data",
@@ -352,7 +449,8 @@ class GuidanceModel:
             None,
             f"{last.good_minutes:.1f} good minutes (>= {r.stable_good_minutes:g}), split-half "
             f"{split} (<= {r.stable_split_half_mm:g} mm), drift {drift} "
-            f"(<= {r.stable_drift_mm:g} mm)",
+            f"(<= {r.stable_drift_mm:g} mm), anticorrelation beyond chance (p = {p}, "
+            f"<= {r.stable_p:g}), all held for {r.stable_hold_s:g} s",
         )
 
     def _too_early(self, last: GuidancePoint, good_now: float, n_split: int) -> Guidance:

@@ -177,6 +177,8 @@ class GuidanceStage(Stage):
             reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list) else (),
             censored_minutes=_number(v.get("censored_minutes")) or 0.0,
             minutes=_number(v.get("minutes")),
+            p_value=_number(v.get("p_value")),
+            held_s=_number(v.get("held_s")),
         )
         state.model.add(point)
         state.target = {
@@ -209,13 +211,7 @@ def guidance_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of :class:`GuidanceStage` from :class:`Settings` (JSON-able)."""
     g, t = settings.guidance, settings.target
     return {
-        "rules": {
-            "stable_good_minutes": t.stable_good_minutes,
-            "stable_split_half_mm": t.stable_split_half_mm,
-            "stable_drift_mm": t.stable_drift_mm,
-            "settling_good_minutes": t.settling_good_minutes,
-            "settling_split_half_mm": t.settling_split_half_mm,
-        },
+        "rules": t.rules(),
         "fd_threshold_mm": g.fd_threshold_mm,
         "every_volumes": g.every_volumes,
         "min_points": g.min_points,

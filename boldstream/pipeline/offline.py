@@ -23,6 +23,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 import pydicom
 
 from boldstream.config.settings import Settings
@@ -39,7 +40,14 @@ from boldstream.sinks.bids import BidsSink, SeriesFiles
 from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, series_key
 from boldstream.stream.ordering import Orderer
 
-__all__ = ["ReplayError", "SeriesReplay", "dicom_volumes", "nifti_volumes", "replay"]
+__all__ = [
+    "ReplayError",
+    "SeriesReplay",
+    "array_volumes",
+    "dicom_volumes",
+    "nifti_volumes",
+    "replay",
+]
 
 Event = Volume | VolumeIncomplete
 
@@ -64,6 +72,16 @@ class SeriesReplay:
     files: SeriesFiles | None = None
     #: The last ``target`` values (None: no target, or ``[connectivity]`` off).
     target: dict[str, Any] | None = None
+    #: Every ``target`` and ``guidance`` result as (topic, values), in the order made.
+    timeline: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[dict[str, Any]]:
+        return [v for topic, v in self.timeline if topic == topics.TARGET]
+
+    @property
+    def guidance(self) -> list[dict[str, Any]]:
+        return [v for topic, v in self.timeline if topic == topics.GUIDANCE]
 
     def outliers(self) -> list[int]:
         """Volumes the QC called outliers (FD, std_DVARS, untrusted motion)."""
@@ -93,28 +111,39 @@ def nifti_volumes(path: Path, *, tr_s: float | None = None) -> tuple[SeriesInfo,
             tr /= 1000.0
     if not tr or tr <= 0:
         raise ReplayError(f"{path}: the header states no repetition time; pass --tr")
-    name = path.name
+    proxy = img.dataobj
+    frames = (proxy[..., t] for t in range(int(img.shape[3])))
+    return array_volumes(path.name, img.affine, float(tr), frames, encoding="nifti")
+
+
+def array_volumes(
+    name: str,
+    vox2ras: npt.ArrayLike,
+    tr_s: float,
+    frames: Iterable[npt.ArrayLike],
+    *,
+    encoding: str = "array",
+) -> tuple[SeriesInfo, Iterator[Volume]]:
+    """Volumes of one series from 3-D arrays on one grid (a NIfTI, a simulated run)."""
     series = SeriesInfo(
         series_uid=f"file:{name}",
         study_uid="",
         description=name,
         session_key="replay",
-        encoding="nifti",
-        tr_s=float(tr),
+        encoding=encoding,
+        tr_s=float(tr_s),
     )
-    vox2ras = np.asarray(img.affine, dtype=np.float64)
-    proxy = img.dataobj
-    n = int(img.shape[3])
+    affine = np.asarray(vox2ras, dtype=np.float64)
 
     def generate() -> Iterator[Volume]:
-        for t in range(n):
+        for t, frame in enumerate(frames):
             now = time.time()
             yield Volume(
-                data=np.ascontiguousarray(proxy[..., t], dtype=np.float32),
-                vox2ras=vox2ras,
+                data=np.ascontiguousarray(frame, dtype=np.float32),
+                vox2ras=affine,
                 series=series,
                 index=t,
-                acquisition_time=t * float(tr),
+                acquisition_time=t * float(tr_s),
                 first_received=now,
                 last_received=now,
                 assembled=now,
@@ -209,6 +238,9 @@ def replay(
                         entry.qc[payload.index] = dict(payload.values)
                     elif payload.topic == topics.TARGET:
                         entry.target = dict(payload.values)
+                        entry.timeline.append((payload.topic, entry.target))
+                    elif payload.topic == topics.GUIDANCE:
+                        entry.timeline.append((payload.topic, dict(payload.values)))
                     elif payload.topic == SKIPPED:
                         entry.skipped[payload.index] = str(payload.values.get("reason", ""))
                 elif isinstance(payload, Gap):

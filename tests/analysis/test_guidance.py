@@ -15,10 +15,24 @@ STEP_MIN = 0.5  # a target every 30 s of data
 
 
 def point(
-    good: float, split: float | None, drift: float | None, *, censored: float = 0.0
+    good: float,
+    split: float | None,
+    drift: float | None,
+    *,
+    censored: float = 0.0,
+    p_value: float | None = 0.005,
+    held_s: float | None = 60.0,
 ) -> GuidancePoint:
+    """A target recompute; by default its anticorrelation is beyond chance and held."""
+    steady = RULES.steady(p_value=p_value, split_half_mm=split, drift_mm=drift)
+    held = held_s if steady else None
     status, reasons = RULES.judge(
-        good_minutes=good, split_half_mm=split, drift_mm=drift, censored_minutes=censored
+        good_minutes=good,
+        split_half_mm=split,
+        drift_mm=drift,
+        censored_minutes=censored,
+        p_value=p_value,
+        held_s=held,
     )
     return GuidancePoint(
         good_minutes=good,
@@ -27,6 +41,8 @@ def point(
         status=status,
         reasons=tuple(reasons),
         censored_minutes=censored,
+        p_value=p_value,
+        held_s=held,
     )
 
 
@@ -77,7 +93,10 @@ def test_a_shrinking_split_half_predicts_when_it_settles() -> None:
             assert g.minutes_more is not None and g.minutes_more_range is not None
             lo, hi = g.minutes_more_range
             assert lo <= g.minutes_more <= hi
-            assert f"about {g.minutes_more:.0f} more minutes" in g.message
+            assert (
+                f"about {g.minutes_more:.0f} more minute" in g.message
+                or "under a minute more" in g.message
+            )
             last_prediction = (m, lo, hi)
             if m >= 4.0:
                 judged += 1
@@ -157,3 +176,50 @@ def test_stable_target_is_enough_and_as_dict_is_json_ready() -> None:
         "enough data: target settled (split-half 4.2 mm, drift 1.3 mm over the last minute)"
     )
     json.dumps(g.as_dict(), allow_nan=False)
+
+
+def test_no_prediction_while_the_anticorrelation_is_no_stronger_than_chance() -> None:
+    # the split-half shrinks as nicely as a planted network's, but the p says noise
+    model = GuidanceModel()
+    states = []
+    for m, d in shrinking(24, 1.5, 0.8, 0)[:30]:
+        model.add(point(m, d, 1.0, p_value=0.3))
+        g = model.guidance()
+        states.append(g.state)
+        if m >= 3.0 and g.state == "cannot-tell-yet":
+            assert "no stronger than chance (p = 0.300" in g.reason, g.reason
+    assert "keep-scanning" not in states and "enough-data" not in states
+    assert states[-1] == "not-settling"
+    assert "after 15.0 good minutes" in g.reason
+    assert "no anticorrelated cluster to target in this run" in g.reason
+    # untested counts as not beyond chance
+    untested = GuidanceModel()
+    for m, d in shrinking(24, 1.5, 0.8, 0)[:12]:
+        untested.add(point(m, d, 1.0, p_value=None))
+    assert "has not been tested against chance" in untested.guidance().reason
+
+
+def test_when_only_the_minutes_floor_binds_the_message_says_so() -> None:
+    model = GuidanceModel()
+    for i in range(1, 11):  # 0.5 to 5 good minutes; the split-half already 3-3.2 mm
+        m = i * STEP_MIN
+        model.add(point(m, 3.0 + 0.1 * (i % 3), 1.0 if m >= 1 else None))
+    g = model.guidance()
+    assert g.state == "keep-scanning"
+    assert g.minutes_more == pytest.approx(3.0)
+    # no degenerate "(3-3 min)" range, and the reason names the limit that binds
+    assert g.message == "keep scanning: about 3 more minutes for a settled target"
+    assert g.reason.startswith(
+        "waiting for 8 good minutes (now 5.0): the split-half distance is already within its limit"
+    )
+
+
+def test_a_just_met_limit_still_waits_for_the_hold() -> None:
+    model = GuidanceModel()
+    for i in range(1, 21):  # 10 good minutes; the split-half reaches 6 mm only at the end
+        m = i * STEP_MIN
+        model.add(point(m, 30.0 / math.sqrt(m) if i < 20 else 6.0, 1.0, held_s=0.0))
+    g = model.guidance()
+    assert g.state == "keep-scanning", g.reason
+    assert g.minutes_more == pytest.approx(1.0)  # 60 s more at 100 % good frames
+    assert "hold 60 s" in g.reason

@@ -52,6 +52,8 @@ def target(index: int, good_minutes: float, split: float | None, status: str) ->
         "censored_minutes": 0.0,
         "minutes": good_minutes,
         "reasons": [] if status == "stable" else ["not yet"],
+        "p_value": 0.005,
+        "held_s": 60.0 if split is not None and split <= 7 else None,
     }
     result = topics.target_result(
         SERIES,

@@ -364,7 +364,11 @@
     st.className = "status status-" + g.state;
     $("guidance-message").textContent = g.message;
     const parts = [];
-    if (g.minutes_more_range) parts.push("likely " + fmt(g.minutes_more_range[0], 0) + "–" + fmt(g.minutes_more_range[1], 0) + " more minutes");
+    if (g.minutes_more_range) {
+      const lo = fmt(g.minutes_more_range[0], 0), hi = fmt(g.minutes_more_range[1], 0);
+      // a range that rounds to one number (only the minutes floor binds) says nothing more
+      if (lo !== hi) parts.push("likely " + lo + "–" + hi + " more minutes");
+    }
     if (g.split_half_mm !== null) parts.push("split-half " + fmt(g.split_half_mm, 1) + " mm");
     if (g.drift_mm !== null) parts.push("drift " + fmt(g.drift_mm, 1) + " mm/min");
     if (g.good_minutes !== null) parts.push(fmt(g.good_minutes, 1) + " good min" + (g.fd_threshold_mm !== null ? " (FD < " + g.fd_threshold_mm + " mm)" : ""));
