@@ -56,6 +56,7 @@ __all__ = [
     "TargetTracker",
     "choose_target",
     "smooth_in_region",
+    "smoothed_minima",
     "target_coordinates",
 ]
 
@@ -73,41 +74,95 @@ def _voxel_sizes(vox2ras: F64) -> F64:
     return out
 
 
+def _smoothing_box(
+    mask: Mask, vox2ras: npt.ArrayLike, fwhm_mm: float
+) -> tuple[tuple[slice, ...], F64]:
+    """The bounding box of ``mask`` padded for the kernel, and the kernel's sigma (voxels)."""
+    sigma = fwhm_mm * _FWHM_TO_SIGMA / _voxel_sizes(np.asarray(vox2ras, dtype=np.float64))
+    pad = np.ceil(3.0 * sigma).astype(int) + 1
+    nz = np.argwhere(mask)
+    lo = np.maximum(nz.min(axis=0) - pad, 0)
+    hi = np.minimum(nz.max(axis=0) + pad + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)), sigma
+
+
 def smooth_in_region(
     volume: npt.ArrayLike, region: Mask, vox2ras: npt.ArrayLike, fwhm_mm: float
 ) -> F64:
-    """Gaussian smoothing of ``volume`` restricted to ``region`` (NaN outside it).
-
-    ``volume`` may be a stack (n, X, Y, Z) of maps smoothed alike; a voxel
-    that is not finite in every map of the stack is left out of all.
-    """
+    """Gaussian smoothing of ``volume`` restricted to ``region`` (NaN outside it)."""
     vol = np.asarray(volume, dtype=np.float64)
-    stacked = vol.ndim == 4
-    stack = vol if stacked else vol[None]
-    mask = np.asarray(region, dtype=bool) & np.isfinite(stack).all(axis=0)
-    out = np.full(stack.shape, np.nan)
-    if mask.any() and fwhm_mm <= 0:
-        out[:, mask] = stack[:, mask]
-    elif mask.any():
-        sigma = fwhm_mm * _FWHM_TO_SIGMA / _voxel_sizes(np.asarray(vox2ras, dtype=np.float64))
-        pad = np.ceil(3.0 * sigma).astype(int) + 1
-        nz = np.argwhere(mask)
-        lo = np.maximum(nz.min(axis=0) - pad, 0)
-        hi = np.minimum(nz.max(axis=0) + pad + 1, mask.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        inside = mask[box]
-        den = ndimage.gaussian_filter(inside.astype(np.float64), sigma, mode="constant")
-        ok = inside & (den > 1e-6)
-        # in chunks: a stack of surrogate maps must not hold n boxes of float64 twice
-        for start in range(0, stack.shape[0], 32):
-            part = stack[start : start + 32][(slice(None), *box)]
-            num = ndimage.gaussian_filter(
-                np.where(inside, part, 0.0), (0.0, *sigma), mode="constant"
-            )
-            inner = np.full(part.shape, np.nan)
-            inner[:, ok] = num[:, ok] / den[ok]
-            out[(slice(start, start + 32), *box)] = inner
-    return out if stacked else out[0]
+    mask = np.asarray(region, dtype=bool) & np.isfinite(vol)
+    out = np.full(vol.shape, np.nan)
+    if not mask.any():
+        return out
+    if fwhm_mm <= 0:
+        out[mask] = vol[mask]
+        return out
+    box, sigma = _smoothing_box(mask, vox2ras, fwhm_mm)
+    m = mask[box].astype(np.float64)
+    num = ndimage.gaussian_filter(np.where(mask[box], vol[box], 0.0), sigma, mode="constant")
+    den = ndimage.gaussian_filter(m, sigma, mode="constant")
+    inner = np.full(m.shape, np.nan)
+    ok = mask[box] & (den > 1e-6)
+    inner[ok] = num[ok] / den[ok]
+    out[box] = inner
+    return out
+
+
+def smoothed_minima(
+    values: npt.ArrayLike,
+    index: npt.ArrayLike,
+    region: Mask,
+    vox2ras: npt.ArrayLike,
+    fwhm_mm: float,
+    *,
+    chunk: int = 25,
+) -> F64:
+    """The most negative value of each map in ``values`` (n, V) once smoothed in ``region``.
+
+    The maps hold the voxels ``index`` (flat indices into the region's grid);
+    each is smoothed as :func:`smooth_in_region` does, over the voxels finite
+    in every map, but only inside the region's box, in float32 and ``chunk``
+    maps at a time (200 surrogate maps of a 90x90x60 grid as whole float64
+    volumes would take 1.6 GB). NaN for a map with nothing to smooth.
+    """
+    stack = np.atleast_2d(np.asarray(values, dtype=np.float32))
+    flat_index = np.asarray(index).reshape(-1)
+    region = np.asarray(region, dtype=bool)
+    finite_cols = np.isfinite(stack).all(axis=0)
+    mask = np.zeros(region.shape, dtype=bool)
+    mask.reshape(-1)[flat_index[finite_cols]] = True
+    mask &= region
+    out = np.full(stack.shape[0], np.nan)
+    if not mask.any():
+        return out
+    # where each column lands in the box, for the columns inside the mask
+    cols = np.flatnonzero(mask.reshape(-1)[flat_index])
+    if fwhm_mm <= 0:
+        out[:] = stack[:, cols].min(axis=1)
+        return out
+    box, sigma = _smoothing_box(mask, vox2ras, fwhm_mm)
+    inside = mask[box]
+    den = ndimage.gaussian_filter(inside.astype(np.float32), sigma, mode="constant")
+    ijk = np.unravel_index(flat_index[cols], region.shape)
+    local = np.ravel_multi_index(
+        tuple(ax - s.start for ax, s in zip(ijk, box, strict=True)), inside.shape
+    )
+    keep = den.reshape(-1)[local] > 1e-6
+    local, cols = local[keep], cols[keep]
+    den_at = den.reshape(-1)[local]
+    size = int(np.prod(inside.shape))
+    for start in range(0, stack.shape[0], chunk):
+        part = stack[start : start + chunk]
+        buf = np.zeros((part.shape[0], size), dtype=np.float32)
+        buf[:, local] = part[:, cols]
+        num = ndimage.gaussian_filter(
+            buf.reshape(part.shape[0], *inside.shape), (0.0, *sigma), mode="constant"
+        )
+        out[start : start + part.shape[0]] = (
+            num.reshape(part.shape[0], -1)[:, local] / den_at
+        ).min(axis=1)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,32 +393,28 @@ class TargetTracker:
         #: one, that were all :meth:`TargetRules.steady` (None: the last was not).
         self.steady_since: float | None = None
 
-    def _smoothed(self, conn: SeedConnectivity, values: F64) -> F64:
-        """Search-voxel values (V,) or (n, V) as smoothed volumes (NaN outside the region)."""
-        stack = np.atleast_2d(values)
-        vol = np.full((stack.shape[0], *conn.shape), np.nan)
-        vol.reshape(stack.shape[0], -1)[:, conn.search_index] = stack
-        out = smooth_in_region(vol, conn.rois.search, conn.rois.vox2ras, self.fwhm_mm)
-        return out if np.ndim(values) == 2 else out[0]
-
     def _pick(self, conn: SeedConnectivity, values: F64 | None) -> TargetPoint | None:
         if values is None or not np.isfinite(values).any():
             return None
-        smoothed = self._smoothed(conn, values)
-        return choose_target(
-            smoothed, conn.rois.search, method=self.method, percentile=self.percentile
-        )
+        vol = np.full(conn.shape, np.nan)
+        vol.reshape(-1)[conn.search_index] = values
+        region = conn.rois.search
+        smoothed = smooth_in_region(vol, region, conn.rois.vox2ras, self.fwhm_mm)
+        return choose_target(smoothed, region, method=self.method, percentile=self.percentile)
 
     def _test(self, conn: SeedConnectivity, maps: SearchMaps) -> NullTest | None:
         """The strongest smoothed anticorrelation against the surrogates' (None: no test)."""
         if maps.null is None or not np.isfinite(maps.all).any():
             return None
-        smoothed = self._smoothed(conn, np.vstack([maps.all[None], maps.null]))
-        flat = smoothed.reshape(smoothed.shape[0], -1)
-        finite = np.asarray(np.isfinite(flat).any(axis=1), dtype=bool)
-        if not finite[0] or not finite[1:].any():
+        minima = smoothed_minima(
+            np.vstack([maps.all[None], maps.null]),
+            conn.search_index,
+            conn.rois.search,
+            conn.rois.vox2ras,
+            self.fwhm_mm,
+        )
+        if not np.isfinite(minima[0]) or not np.isfinite(minima[1:]).any():
             return None
-        minima = np.nanmin(flat[finite], axis=1)
         return max_statistic_test(float(minima[0]), minima[1:])
 
     def _ras(self, conn: SeedConnectivity, point: TargetPoint) -> F64:

@@ -17,6 +17,7 @@ from boldstream.analysis.target import (
     TargetTracker,
     choose_target,
     smooth_in_region,
+    smoothed_minima,
     target_coordinates,
 )
 from boldstream.errors import AnalysisError
@@ -58,6 +59,27 @@ def test_smoothing_stays_inside_the_region() -> None:
     out = smooth_in_region(vol, region, np.diag([2.0, 2.0, 2.0, 1.0]), 6.0)
     np.testing.assert_allclose(out[region], -0.2)
     assert np.isnan(out[~region]).all()
+
+
+def test_smoothed_minima_of_a_stack_equal_smoothing_each_map() -> None:
+    rng = np.random.default_rng(0)
+    shape = (20, 22, 18)
+    region = np.zeros(shape, dtype=bool)
+    region[4:15, 5:17, 3:12] = True
+    region &= rng.random(shape) > 0.1
+    index = np.flatnonzero(region)
+    values = rng.normal(size=(7, index.size))
+    values[2, 3] = np.nan  # not finite in one map: left out of every map
+    affine = np.diag([2.4, 2.4, 2.4, 1.0])
+    minima = smoothed_minima(values, index, region, affine, 5.0, chunk=3)
+    expected = []
+    for row in values:
+        vol = np.full(shape, np.nan)
+        vol.reshape(-1)[index] = row
+        vol.reshape(-1)[index[3]] = np.nan
+        expected.append(np.nanmin(smooth_in_region(vol, region, affine, 5.0)))
+    np.testing.assert_allclose(minima, expected, atol=1e-6)
+    assert np.isnan(smoothed_minima(values[:, :0], index[:0], region, affine, 5.0)).all()
 
 
 @pytest.mark.parametrize("orientation", ["axial", "oblique"])
