@@ -53,6 +53,8 @@ def trace(strength: float, n_volumes: int, tr_s: float, seed: int) -> list[Guida
                     drift_mm=v.get("drift_mm"),
                     status=str(v["status"]),
                     censored_minutes=float(v.get("censored_minutes") or 0.0),
+                    p_value=v.get("p_value"),
+                    held_s=v.get("held_s"),
                 )
             )
     return points
