@@ -14,6 +14,19 @@ and reports instances/s, MB/s, the ratio to storescp, and boldstream's
 assembly latency per volume (last instance of the volume received -> volume
 ready). A second table sends the per-slice series over 4 associations at once.
 
+Two measurements on the very same files, with no network, bound what any
+receiver can do here:
+
+- the durability floor: boldstream's own ``Spool.store`` (write, fsync, link
+  into place, directory fsync: what must happen before a success status)
+  called sequentially with each file's bytes, in a fresh spool; its
+  instances/s is the ceiling of any receiver that honours that rule on this
+  disk, set beside storescp (which does not fsync);
+- decode + assembly alone: the receiver's ``decode_instance`` and
+  ``Assembler`` called as ``boldstream replay`` calls them
+  (:func:`boldstream.pipeline.offline.dicom_volumes`), timed from handing in
+  the last instance of a volume to the volume coming back.
+
     python benchmarks/receive.py [--repeats 3] [--slice-volumes 10] [--mosaic-volumes 100]
 """
 
@@ -32,13 +45,18 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pydicom
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line, table
 
-from boldstream.config import load_settings
+from boldstream.config import AssemblySettings, load_settings
 from boldstream.logs import configure_logging
+from boldstream.receiver.assembly import Assembler
+from boldstream.receiver.decode import decode_instance
 from boldstream.receiver.service import Receiver
+from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.simulator.send import SendOptions, write_run
@@ -152,6 +170,50 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _durable_writes(root: Path, files: Sequence[Path]) -> list[float]:
+    """Seconds per instance of ``Spool.store`` alone, with fsync, in a fresh spool.
+
+    The UIDs and bytes are read first; only the durable write (write, fsync,
+    link into place, directory fsync) is timed, one instance after another.
+    """
+    items = []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        items.append((uids, path.read_bytes()))
+    spool = Spool(Path(tempfile.mkdtemp(dir=root)), fsync=True)
+    try:
+        seconds = []
+        for (study, series, sop), data in items:
+            start = time.perf_counter()
+            stored = spool.store(study, series, sop, data)
+            seconds.append(time.perf_counter() - start)
+            if stored.duplicate:
+                raise SystemExit(f"{sop} stored twice: the floor would skip its write")
+        return seconds
+    finally:
+        shutil.rmtree(spool.root, ignore_errors=True)
+
+
+def _assembly_alone(files: Sequence[Path], assembly: AssemblySettings) -> list[float]:
+    """Per volume, ms from handing in its last instance to the volume returned.
+
+    Decode and assembly only, called as ``dicom_volumes`` calls them; the
+    files are parsed by pydicom beforehand (the network layer's job live).
+    """
+    datasets = [pydicom.dcmread(path) for path in files]
+    assembler = Assembler(assembly)
+    latencies: list[float] = []
+    for ds in datasets:
+        start = time.perf_counter()
+        events = assembler.add(decode_instance(ds, assembly=assembly), received=time.time())
+        elapsed = (time.perf_counter() - start) * 1e3
+        latencies += [elapsed for event in events if isinstance(event, Volume)]
+    if assembler.pending_volumes or assembler.stats.incomplete or not latencies:
+        raise SystemExit("decode + assembly alone left volumes incomplete")
+    return latencies
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -188,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         }
         rows: list[list[str]] = []
+        floor_rows: list[list[str]] = []
         latency: dict[str, list[float]] = {name: [] for name in series}
+        storescp_fast: dict[str, float] = {}  # storescp, TCP_NODELAY=1, per series
+        assembly = load_settings(environ={}).assembly
         for name, files in series.items():
             size_mb = sum(f.stat().st_size for f in files) / 1e6 / len(files)
             for nodelay in (False, True):
@@ -211,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     ]
                         rates.setdefault(receiver, []).append(len(subset) / seconds)
                 base = statistics.median(rates["DCMTK storescp"])
+                if nodelay:
+                    storescp_fast[name] = base
                 for receiver, values in rates.items():
                     med = statistics.median(values)
                     rows.append(
@@ -230,12 +297,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ),
                         ]
                     )
+            writes = [_durable_writes(root, files) for _ in range(args.repeats)]
+            floor = statistics.median(len(w) / sum(w) for w in writes)
+            per_instance = [s * 1e3 for w in writes for s in w]
+            floor_rows.append(
+                [
+                    name,
+                    "spool durable write only (no network, no decode)",
+                    f"{floor:,.0f}",
+                    f"{floor * size_mb:,.1f}",
+                    f"{statistics.median(per_instance):.2f}",
+                    f"{_pct(per_instance, 0.95):.2f}",
+                    f"{storescp_fast[name]:,.0f}",
+                    f"{floor / storescp_fast[name]:.2f}x",
+                ]
+            )
+            latency[f"{name}, decode+assembly alone"] = [
+                ms for _ in range(args.repeats) for ms in _assembly_alone(files, assembly)
+            ]
         print(f"## Receive ({machine_line()})\n")
         print(f"storescu -> receiver on 127.0.0.1, median of {args.repeats} runs\n")
         print(
             table(
                 ["series", "sender", "receiver", "instances/s", "MB/s", "vs storescp", "instances"],
                 rows,
+            )
+        )
+        print(
+            "\ndurability floor: Spool.store alone (write, fsync, link, directory fsync), "
+            "the same files,\nsequential, fresh spool, median of "
+            f"{args.repeats} runs, against storescp with TCP_NODELAY=1 above\n"
+        )
+        print(
+            table(
+                [
+                    "series",
+                    "receiver",
+                    "instances/s",
+                    "MB/s",
+                    "ms/instance p50",
+                    "p95",
+                    "storescp TCP_NODELAY=1",
+                    "vs storescp",
+                ],
+                floor_rows,
             )
         )
         # Several associations at once (boldstream only; storescp serves one at a time).
@@ -276,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if v
         ]
         print("\nassembly latency, last instance of a volume received -> volume ready (ms);")
-        print("the first rows are under the flood above, the paced rows as a scanner sends\n")
+        print("the first rows are under the flood above, the paced rows as a scanner sends;")
+        print("'alone' rows: decode_instance + Assembler called directly on the same files,")
+        print(f"no network, no spool ({args.repeats} passes)\n")
         print(table(["series", "volumes", "p50", "p95", "max"], lat_rows))
     finally:
         shutil.rmtree(root, ignore_errors=True)
