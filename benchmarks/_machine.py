@@ -31,6 +31,14 @@ def machine_line() -> str:
     )
 
 
+def numerics_line() -> str:
+    """numpy's version and the BLAS thread setting (numerical benchmarks depend on both)."""
+    import numpy as np
+
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    return f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas}"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table (pasted as is into docs/benchmarks.md)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

@@ -27,14 +27,17 @@ Not a test: timings on a shared 2-core machine are noisy.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line, numerics_line
 
 from boldstream.analysis.connectivity import SeedConnectivity
 from boldstream.analysis.registration import native_rois, register_to_template
@@ -47,20 +50,6 @@ SIZES: dict[str, tuple[tuple[int, int, int], float, float]] = {
     "64": ((64, 64, 36), 3.0, 2.0),
     "90": ((90, 90, 60), 2.4, 0.8),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    return (
-        f"{dt.date.today().isoformat()}, nproc {os.cpu_count()} ({cpu}), "
-        f"Python {platform.python_version()}, numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas}"
-    )
 
 
 def bench(
@@ -137,7 +126,7 @@ def main() -> None:
     parser.add_argument("--recomputes", type=int, default=3)
     parser.add_argument("--surrogates", type=int, default=200, help="null seeds per recompute")
     args = parser.parse_args()
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine_line()}, {numerics_line()}\n")
     print(
         "| matrix | TR s | frames | brain voxels | search voxels | registration s "
         "| update ms (median / p95) | online map ms "

@@ -16,14 +16,17 @@ methods run in the same process, interleaved volume by volume.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line, numerics_line
 
 from boldstream.analysis.motion import (
     MotionCorrector,
@@ -40,20 +43,6 @@ SIZES: dict[str, tuple[tuple[int, int, int], float, float]] = {
     "64": ((64, 64, 36), 3.0, 2.0),
     "90": ((90, 90, 60), 2.4, 0.8),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    return (
-        f"{dt.date.today().isoformat()}, nproc {os.cpu_count()} ({cpu}), "
-        f"Python {platform.python_version()}, numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas}"
-    )
 
 
 class Ours:
@@ -268,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[list[str]] = []
     for size in args.sizes.split(","):
         rows += run(size, args.methods.split(","), args.volumes, args.seed)
-    print(machine())
+    print(f"{machine_line()}, {numerics_line()}")
     print()
     headers = ["grid", "method", "median ms", "p95 ms", "mean err mm", "max err mm", "note"]
     print(table(headers, rows))
