@@ -315,7 +315,7 @@ class GuidanceModel:
             finite = np.where(np.isfinite(more), more, self.horizon_minutes)
             lo = float(min(np.percentile(finite, lo_q), point_more))
             hi = float(max(np.percentile(finite, hi_q), point_more))
-            binds = self._binding(point_need, good_now, below, last, fit)
+            binds = self._binding(point_need, good_now, below, fit)
             span = "" if round(lo) == round(hi) else f" ({lo:.0f}-{hi:.0f} min)"
             return Guidance(
                 "keep-scanning",
@@ -353,15 +353,12 @@ class GuidanceModel:
         scan = last.scan_minutes
         return last.good_minutes / scan if scan > 0 else 0.0
 
-    def _hold_good_minutes(self, last: GuidancePoint) -> float:
-        """Good minutes the stable limits must still hold for, if they held from now."""
-        return self.rules.stable_hold_s / 60.0 * self._good_fraction(last)
-
     def _needed(self, crossings: F64, below_now: bool, good_now: float, last: GuidancePoint) -> F64:
         """Good minutes at which each predicted crossing would make the target stable."""
         need = np.asarray(crossings, dtype=np.float64).copy()
         gf = self._good_fraction(last)
-        hold = self._hold_good_minutes(last)
+        # good minutes the stable limits must hold for, if they held from now
+        hold = self.rules.stable_hold_s / 60.0 * gf
         if below_now:
             held = (last.held_s or 0.0) / 60.0 * gf
             # already within the limit: the fit no longer matters, the hold does
@@ -374,14 +371,7 @@ class GuidanceModel:
             need = np.maximum(need, good_now + gf)
         return need
 
-    def _binding(
-        self,
-        need: float,
-        good_now: float,
-        below_now: bool,
-        last: GuidancePoint,
-        fit: GuidanceFit,
-    ) -> str:
+    def _binding(self, need: float, good_now: float, below_now: bool, fit: GuidanceFit) -> str:
         """Which limit the predicted time waits for, in words."""
         floor = self.rules.stable_good_minutes
         if need <= floor + 1e-9 and (below_now or fit.settled_good_minutes <= floor):

@@ -98,9 +98,6 @@ class NullTest:
     null_p05: float
     surrogates: int
 
-    def significant(self, alpha: float) -> bool:
-        return self.p <= alpha
-
 
 def max_statistic_test(observed_min: float, null_mins: npt.ArrayLike) -> NullTest:
     """The permutation test of ``observed_min`` against the surrogates' minima."""

@@ -30,12 +30,13 @@ TR = 2.0
 def one(job: tuple[float, int, int]) -> dict[str, Any]:
     strength, seed, n_volumes = job
     configure_logging(level="warning")
+    settings = Settings()
     run = make_phantom_run(n_volumes=n_volumes, tr_s=TR, network_strength=strength, seed=seed)
     _, volumes = array_volumes("phantom", run.vox2ras, run.tr_s, run.iter_volumes())
-    (series,) = replay(volumes, Settings()).values()
+    (series,) = replay(volumes, settings).values()
     targets = series.targets
     stable = [t for t in targets if t["status"] == "stable"]
-    passed = [t for t in targets if (t.get("p_value") or 1.0) <= Settings().target.stable_p]
+    passed = [t for t in targets if (t.get("p_value") or 1.0) <= settings.target.stable_p]
     advice = series.guidance[-1]["state"] if series.guidance else "none"
     return {
         "strength": strength,

@@ -70,10 +70,14 @@ class SeriesReplay:
     gaps: set[int] = field(default_factory=set)
     #: Where the sink wrote this series' files (None without a sink).
     files: SeriesFiles | None = None
-    #: The last ``target`` values (None: no target, or ``[connectivity]`` off).
-    target: dict[str, Any] | None = None
     #: Every ``target`` and ``guidance`` result as (topic, values), in the order made.
     timeline: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def target(self) -> dict[str, Any] | None:
+        """The last ``target`` values (None: no target, or ``[connectivity]`` off)."""
+        targets = self.targets
+        return targets[-1] if targets else None
 
     @property
     def targets(self) -> list[dict[str, Any]]:
@@ -236,10 +240,7 @@ def replay(
                 if isinstance(payload, Result) and payload.index is not None:
                     if payload.topic == topics.QC:
                         entry.qc[payload.index] = dict(payload.values)
-                    elif payload.topic == topics.TARGET:
-                        entry.target = dict(payload.values)
-                        entry.timeline.append((payload.topic, entry.target))
-                    elif payload.topic == topics.GUIDANCE:
+                    elif payload.topic in (topics.TARGET, topics.GUIDANCE):
                         entry.timeline.append((payload.topic, dict(payload.values)))
                     elif payload.topic == SKIPPED:
                         entry.skipped[payload.index] = str(payload.values.get("reason", ""))
