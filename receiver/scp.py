@@ -47,6 +47,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from boldstream.config.settings import ReceiverSettings
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
+from boldstream.receiver.association import PromptRequestHandler
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
 __all__ = [
@@ -143,6 +144,9 @@ class _TunedServer(ThreadedAssociationServer):
     """
 
     tcp_quickack: bool = True
+    #: How long an association's reactor waits for a message between its checks
+    #: for release, abort and idle timeout (pynetdicom's own cadence for them).
+    reactor_poll_s: float = 0.001
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     handshake_timeout_s: float = 30.0
     log: Any = None
@@ -495,7 +499,11 @@ class StorageSCP:
         tls = make_tls_context(self.settings)
         try:
             server = ae.make_server(
-                address, evt_handlers=handlers, server_class=_TunedServer, ssl_context=tls
+                address,
+                evt_handlers=handlers,
+                server_class=_TunedServer,
+                ssl_context=tls,
+                request_handler=PromptRequestHandler,
             )
         except OSError as exc:
             raise ReceiverError(

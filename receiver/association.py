@@ -1,0 +1,101 @@
+"""pynetdicom's acceptor association, with a reactor that waits for messages.
+
+pynetdicom 2.x/3.0 runs each accepted association in a loop that starts with
+an unconditional ``time.sleep(0.001)`` before it looks for the next complete
+DIMSE message (``Association._run_reactor``; there is no setting for it, see
+pynetdicom issues #120 and #650 on the same pattern in the network loop). A
+scanner sends one C-STORE, waits for its response, sends the next, so that
+sleep is paid once per instance: about a third of pynetdicom's own per-instance
+time on loopback, and up to 1 ms between the last byte of a volume and the
+start of its handling.
+
+:class:`PromptAssociation` runs the same checks in the same order, but blocks
+on the message queue (with ``poll_s`` as the timeout, so release, abort, a dead
+network thread and the idle timeout are still seen within ``poll_s``) instead
+of sleeping first. The pause checkpoint that pynetdicom's ``send_*`` methods
+rely on is kept where pynetdicom has it: before a message is taken.
+
+Nothing else of pynetdicom is changed: :class:`PromptRequestHandler` lets
+pynetdicom build and configure the association, then gives the instance this
+subclass's reactor. The tests run every receiver test through it, and
+``tests/receiver/test_association.py`` checks release, abort and idle timeout.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler
+
+__all__ = ["PromptAssociation", "PromptRequestHandler"]
+
+
+class PromptAssociation(Association):
+    """An acceptor whose reactor wakes when a DIMSE message is complete."""
+
+    #: Longest wait for a message before the release/abort/timeout checks.
+    poll_s: float = 0.001
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            # pynetdicom's pause point (used by send_* on this association).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=self.poll_s)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg is not None and context_id is not None:
+                self._serve_request(msg, context_id)
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires, as in pynetdicom
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class PromptRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, making :class:`PromptAssociation` acceptors.
+
+    ``server.reactor_poll_s`` (when the server has it) sets ``poll_s``.
+    """
+
+    def _create_association(self) -> Association:
+        assoc: Any = super()._create_association()
+        assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
+        poll = getattr(self.server, "reactor_poll_s", None)
+        if poll is not None:
+            assoc.poll_s = float(poll)
+        return assoc  # type: ignore[no-any-return]

@@ -1,0 +1,107 @@
+"""The acceptor reactor that waits for messages instead of sleeping first.
+
+:mod:`boldstream.receiver.association` replaces pynetdicom's per-association
+loop. Every storescu test exercises C-STORE and release through it; these
+tests pin down the rest of that loop: the accepted associations are really
+``PromptAssociation``, a release and an abort from an idle peer are seen at
+once, and an association idle past ``network_timeout_s`` is ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from structlog.testing import capture_logs
+
+from boldstream.config import load_settings
+from boldstream.receiver.association import PromptAssociation
+from boldstream.receiver.scp import StorageSCP
+from boldstream.receiver.spool import Spool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[StorageSCP]:
+    settings = load_settings(
+        overrides=[
+            {
+                "receiver": {
+                    "port": 0,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "network_timeout_s": 1.0,
+                }
+            }
+        ],
+        environ={},
+    )
+    server = StorageSCP(settings.receiver, Spool(settings.receiver.spool_dir), lambda r: None)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _associate(port: int) -> Any:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="BOLDSTREAM")
+    assert assoc.is_established
+    return assoc
+
+
+def _server_associations(scp: StorageSCP) -> list[Any]:
+    return list(scp._server.active_associations)
+
+
+def _wait(condition: Any, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_accepted_association_uses_the_prompt_reactor(scp: StorageSCP) -> None:
+    assoc = _associate(scp.port)
+    try:
+        _wait(lambda: _server_associations(scp))
+        (server_side,) = _server_associations(scp)
+        assert isinstance(server_side, PromptAssociation)
+        for _ in range(20):
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_release_after_idle_is_answered_at_once(scp: StorageSCP) -> None:
+    assoc = _associate(scp.port)
+    time.sleep(0.2)  # the reactor has been waiting on an empty queue
+    start = time.monotonic()
+    assoc.release()
+    assert assoc.is_released
+    assert time.monotonic() - start < 0.5
+    _wait(lambda: not _server_associations(scp))
+
+
+def test_abort_from_the_peer_ends_the_association(scp: StorageSCP) -> None:
+    with capture_logs() as logs:
+        assoc = _associate(scp.port)
+        _wait(lambda: _server_associations(scp))
+        assoc.abort()
+        _wait(lambda: not _server_associations(scp))
+        _wait(lambda: any(e["event"].startswith("association aborted") for e in logs))
+
+
+def test_idle_association_is_ended_after_the_network_timeout(scp: StorageSCP) -> None:
+    assoc = _associate(scp.port)
+    _wait(lambda: _server_associations(scp))
+    waited = _wait(lambda: not _server_associations(scp), timeout=10)
+    assert 0.5 < waited < 5.0  # network_timeout_s is 1 s
+    _wait(lambda: not assoc.is_established)
