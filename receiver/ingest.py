@@ -1,11 +1,12 @@
 """The ingest thread: from spooled instances to assembled volumes.
 
-Handler threads (one per association) only spool and enqueue; this single
+Handler threads (one per association) only enqueue and spool; this single
 thread owns the :class:`~boldstream.receiver.assembly.Assembler`, so assembly
 needs no locks. It decides once per series whether the series is analysed,
-decodes pixel data, assembles volumes, times out volumes that will never
-complete, closes idle series in the spool, and hands every
-:class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
+decodes pixel data (while the handler's durable write of the same instance
+is under way), waits until that write has succeeded, assembles volumes, times
+out volumes that will never complete, closes idle series in the spool, and
+hands every :class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
 
 On start, :meth:`Ingest.recover` re-reads every instance of every series the
 spool has not closed, so a crash between "success sent to the scanner" and
@@ -29,7 +30,7 @@ from boldstream.config.settings import Settings
 from boldstream.errors import DicomInputError
 from boldstream.logs import get_logger
 from boldstream.receiver.assembly import Assembler
-from boldstream.receiver.decode import decode_instance
+from boldstream.receiver.decode import Fragment, decode_instance
 from boldstream.receiver.scp import Received
 from boldstream.receiver.selector import Selection, SeriesSelector
 from boldstream.receiver.spool import Spool
@@ -68,12 +69,14 @@ class Ingest:
         *,
         tick_s: float = 0.1,
         max_queue: int = 20000,
+        slow_write_s: float = 10.0,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.stats = IngestStats()
         self._emit = emit
         self._tick_s = tick_s
+        self._slow_write_s = slow_write_s
         self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=max_queue)
         self._selector = SeriesSelector(settings.selector)
         self._assembler = Assembler(settings.assembly)
@@ -160,12 +163,11 @@ class Ingest:
                 if got:
                     self._queue.task_done()
 
-    def _series_state(self, item: Received) -> tuple[str, _SeriesState]:
+    def _series_state(self, item: Received, selection: Selection) -> tuple[str, _SeriesState]:
         ds = item.dataset
         uid = str(ds.get("SeriesInstanceUID", ""))
         state = self._series.get(uid)
         if state is None:
-            selection = self._selector.decide(ds, item.sop_class_uid)
             state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
             self._series[uid] = state
             self._log.info(
@@ -177,15 +179,48 @@ class Ingest:
         state.last_seen = max(state.last_seen, time.time())
         return uid, state
 
+    def _selection(self, item: Received) -> Selection:
+        state = self._series.get(str(item.dataset.get("SeriesInstanceUID", "")))
+        if state is not None:
+            return state.selection
+        return self._selector.decide(item.dataset, item.sop_class_uid)
+
+    def _wait_durable(self, item: Received) -> bool:
+        """Whether the instance is new and in the spool (the handler may still be writing)."""
+        waited = 0.0
+        while True:
+            stored = item.durable.wait(self._slow_write_s)
+            if stored is not None:
+                return stored
+            waited += self._slow_write_s
+            self._log.warning(
+                "spool write still under way; assembly waits for it",
+                path=str(item.path),
+                waited_s=waited,
+            )
+
     def _process(self, item: Received) -> None:
-        self.stats.instances += 1
-        uid, state = self._series_state(item)
-        if not state.selection.analyse:
-            self.stats.skipped += 1
-            return
+        selection = self._selection(item)
+        uid = str(item.dataset.get("SeriesInstanceUID", ""))
+        fragments: list[Fragment] = []
+        problem: DicomInputError | None = None
         with structlog.contextvars.bound_contextvars(series=uid):
+            if selection.analyse:
+                # Overlaps the handler's durable write of this same instance.
+                try:
+                    fragments = decode_instance(item.dataset, assembly=self.settings.assembly)
+                except DicomInputError as exc:
+                    problem = exc
+            if not self._wait_durable(item):
+                return  # refused to the scanner, or a duplicate: the handler logged it
+            self.stats.instances += 1
+            _, state = self._series_state(item, selection)
+            if not state.selection.analyse:
+                self.stats.skipped += 1
+                return
             try:
-                fragments = decode_instance(item.dataset, assembly=self.settings.assembly)
+                if problem is not None:
+                    raise problem
                 events = self._assembler.add(fragments, received=item.received)
             except DicomInputError as exc:
                 self.stats.undecodable += 1

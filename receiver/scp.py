@@ -2,8 +2,12 @@
 
 Handlers are plain functions bound with their collaborators (pynetdicom's
 ``apps/storescp`` shape). A C-STORE handler does no analysis: it checks that
-the instance can be understood, writes it to the spool (fsync'd) and hands it
-to the ingest thread; only then does the scanner get 0x0000.
+the instance can be understood, hands it to the ingest thread with an
+unresolved :class:`Durability`, writes it to the spool (fsync'd), and resolves
+the token; only then does the scanner get 0x0000. The ingest thread decodes
+while the write is under way (the fsync waits on the disk, not on Python) and
+assembles the instance only once its token says it is in the spool, so no
+volume is ever made of anything the scanner was not told is safe.
 
 Status codes returned (PS3.4 Annex B.2.3):
 
@@ -54,6 +58,7 @@ __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
+    "Durability",
     "Received",
     "ReceiverStats",
     "StorageSCP",
@@ -67,9 +72,40 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
+class Durability:
+    """Whether a handed-over instance is new and safely in the spool.
+
+    The handler resolves it once the durable write has returned (True) or
+    failed, or the spool already held the instance (False); the ingest thread
+    waits on it before the instance may become part of a volume.
+    """
+
+    __slots__ = ("_done", "_stored")
+
+    def __init__(self, stored: bool | None = None) -> None:
+        self._done = threading.Event()
+        self._stored = False
+        if stored is not None:
+            self.resolve(stored)
+
+    def resolve(self, stored: bool) -> None:
+        self._stored = stored
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool | None:
+        """True: in the spool and new; False: not to be assembled; None: timed out."""
+        if not self._done.wait(timeout):
+            return None
+        return self._stored
+
+
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One instance that is safely in the spool, on its way to assembly."""
+    """One accepted instance on its way to assembly.
+
+    ``durable`` says when it is safely in the spool (already resolved for
+    instances re-read from the spool).
+    """
 
     dataset: Dataset
     path: Path
@@ -80,6 +116,7 @@ class Received:
     calling_aet: str = ""
     #: True when re-read from the spool after a restart.
     recovered: bool = False
+    durable: Durability = field(default_factory=lambda: Durability(stored=True))
 
 
 @dataclass
@@ -348,6 +385,20 @@ def handle_store(
             calling_aet=calling,
         )
         return STATUS_CANNOT_UNDERSTAND
+    # Decoding starts on the ingest thread while the spool write below runs.
+    durable = Durability()
+    deliver(
+        Received(
+            dataset=ds,
+            path=spool.path_for(study, series, sop_uid),
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            received=received,
+            calling_aet=calling,
+            durable=durable,
+        )
+    )
+    stored = None
     try:
         stored = spool.store(study, series, sop_uid, encoded)
     except SpoolFullError as exc:
@@ -360,21 +411,13 @@ def handle_store(
             "instance refused: spool write failed", status="0xA700", reason=str(exc), sop=sop_uid
         )
         return STATUS_OUT_OF_RESOURCES
+    finally:
+        durable.resolve(stored is not None and not stored.duplicate)
     if stored.duplicate:
         stats.add(duplicates=1)
         log.info("duplicate instance ignored (already stored)", sop=sop_uid, series=series)
         return STATUS_SUCCESS
     stats.add(accepted=1, bytes=len(encoded))
-    deliver(
-        Received(
-            dataset=ds,
-            path=stored.path,
-            sop_class_uid=sop_class,
-            sop_instance_uid=sop_uid,
-            received=received,
-            calling_aet=calling,
-        )
-    )
     return STATUS_SUCCESS
 
 

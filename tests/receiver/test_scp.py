@@ -23,10 +23,19 @@ class Harness:
             overrides=[{"receiver": {"port": 0, "spool_dir": str(tmp_path / "spool"), **receiver}}],
             environ={},
         )
-        self.received: list[Received] = []
+        #: Everything the handler handed over, stored or not (see ``received``).
+        self.handed: list[Received] = []
         self.spool = Spool(settings.receiver.spool_dir)
-        self.scp = StorageSCP(settings.receiver, self.spool, self.received.append)
+        self.scp = StorageSCP(settings.receiver, self.spool, self.handed.append)
         self.scp.start()
+
+    @property
+    def received(self) -> list[Received]:
+        """What the ingest thread would assemble: handed over, new, and in the spool.
+
+        Read after the sender has its response, when every token is resolved.
+        """
+        return [r for r in self.handed if r.durable.wait(0)]
 
     def storescu(
         self, *files: Path, aet: str = "SCANNER", extra: tuple[str, ...] = ()
@@ -89,6 +98,7 @@ def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data
     assert scp.storescu(src).returncode == 0
     assert scp.storescu(src).returncode == 0
     assert len(scp.received) == 1
+    assert [r.durable.wait(0) for r in scp.handed] == [True, False]
     assert scp.scp.stats.snapshot()["duplicates"] == 1
 
 
@@ -120,4 +130,6 @@ def test_unwritable_spool_answers_out_of_resources(scp: Harness, pydicom_data: P
     out = scp.storescu(pydicom_data / "MR_small.dcm", extra=("-v",))
     assert "Refused: OutOfResources" in out.stdout + out.stderr, out.stderr
     assert scp.received == []
+    # Handed over for decoding while the write was tried, then marked not stored.
+    assert [r.durable.wait(0) for r in scp.handed] == [False]
     assert scp.scp.stats.snapshot()["out_of_resources"] == 1
