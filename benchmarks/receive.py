@@ -9,6 +9,9 @@ the files to:
   re-armed on the accepted socket: the default),
 - boldstream with tcp_quickack off (to show what the receiver-side fix does),
 - DCMTK storescp (writes files, no fsync),
+- with TCP_NODELAY=1 only: pynetdicom alone, through the same acceptor
+  (boldstream's prompt reactor and network-loop poll) with a C-STORE handler
+  that answers success and does nothing: the network library's own ceiling,
 
 and reports instances/s, MB/s, the ratio to storescp, and boldstream's
 assembly latency per volume (last instance of the volume received -> volume
@@ -41,11 +44,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,6 +60,7 @@ from _machine import machine_line, table
 from boldstream.config import AssemblySettings, load_settings
 from boldstream.logs import configure_logging
 from boldstream.receiver.assembly import Assembler
+from boldstream.receiver.association import PromptRequestHandler
 from boldstream.receiver.decode import decode_instance
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.spool import Spool
@@ -147,6 +154,31 @@ def _boldstream(root: Path, *, quickack: bool) -> Iterator[tuple[int, list[Volum
 
 
 @contextlib.contextmanager
+def _pynetdicom_alone() -> Iterator[int]:
+    """pynetdicom answering success to every C-STORE and doing nothing else."""
+    ae = AE(ae_title="BOLDSTREAM")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+    poll_s = load_settings(environ={}).receiver.reactor_poll_ms / 1000.0
+
+    def accepted(event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = poll_s  # as boldstream's SCP sets it
+
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_ACCEPTED, accepted)],
+        request_handler=PromptRequestHandler,
+    )
+    ae._servers.append(server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@contextlib.contextmanager
 def _storescp(root: Path, *, nodelay: bool) -> Iterator[int]:
     out = Path(tempfile.mkdtemp(dir=root))
     port = _free_port()
@@ -170,11 +202,12 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _durable_writes(root: Path, files: Sequence[Path]) -> list[float]:
+def _durable_writes(root: Path, files: Sequence[Path], *, gap_s: float = 0.0) -> list[float]:
     """Seconds per instance of ``Spool.store`` alone, with fsync, in a fresh spool.
 
     The UIDs and bytes are read first; only the durable write (write, fsync,
-    link into place, directory fsync) is timed, one instance after another.
+    link into place, directory fsync) is timed, one instance after another,
+    ``gap_s`` apart (a paced scanner leaves the disk idle between volumes).
     """
     items = []
     for path in files:
@@ -190,6 +223,7 @@ def _durable_writes(root: Path, files: Sequence[Path]) -> list[float]:
             seconds.append(time.perf_counter() - start)
             if stored.duplicate:
                 raise SystemExit(f"{sop} stored twice: the floor would skip its write")
+            time.sleep(gap_s)
         return seconds
     finally:
         shutil.rmtree(spool.root, ignore_errors=True)
@@ -258,12 +292,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             size_mb = sum(f.stat().st_size for f in files) / 1e6 / len(files)
             for nodelay in (False, True):
                 rates: dict[str, list[float]] = {}
-                for receiver in ("boldstream", "boldstream, quickack off", "DCMTK storescp"):
+                receivers = ["boldstream", "boldstream, quickack off", "DCMTK storescp"]
+                if nodelay:  # without TCP_NODELAY it stalls like "quickack off"
+                    receivers.insert(2, "pynetdicom alone (no-op handler)")
+                for receiver in receivers:
                     slow = not nodelay and receiver != "boldstream" and name.startswith("per-slice")
                     subset = files[: args.slow_cap] if slow else files
                     for _ in range(args.repeats):
                         if receiver == "DCMTK storescp":
                             with _storescp(root, nodelay=nodelay) as port:
+                                seconds = _send(port, subset, nodelay=nodelay)
+                        elif receiver.startswith("pynetdicom"):
+                            with _pynetdicom_alone() as port:
                                 seconds = _send(port, subset, nodelay=nodelay)
                         else:
                             quick = receiver == "boldstream"
@@ -369,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 latency[f"{label}, paced at 20x real time"] = [
                     (v.assembled - v.last_received) * 1e3 for v in vols
                 ]
+        # The part of the paced latency no receiver can avoid: the durable write of
+        # a volume's last instance, on a disk left idle 100 ms between volumes.
+        latency["mosaic 64x64x36, durable write alone, 100 ms apart"] = [
+            s * 1e3 for s in _durable_writes(root, series["mosaic 64x64x36"][:60], gap_s=0.1)
+        ]
         lat_rows = [
             [
                 name,
