@@ -72,10 +72,9 @@ def _tm(seconds: float) -> str:
 
 def scanner(job: dict[str, Any], results: Any) -> None:
     """One simulated scanner: ``job['series']`` series over one association."""
-    from pynetdicom import AE
-
-    from boldstream.simulator.encode import MR_IMAGE_STORAGE, SeriesSpec, encode_volume
-    from boldstream.simulator.phantom import make_phantom_run
+    from boldstream.simulator.encode import SeriesSpec, encode_volume
+    from boldstream.simulator.phantom import SimulatorError, make_phantom_run
+    from boldstream.simulator.send import SendOptions, associate, store_instance
 
     shape = tuple(job["shape"])
     tr, pace, k_templates = job["tr_s"], job["pace"], job["templates"]
@@ -87,12 +86,14 @@ def scanner(job: dict[str, Any], results: Any) -> None:
         motion="mild",
         seed=job["index"],
     )
-    ae = AE(ae_title=f"SCANNER{job['index']}")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    ae.add_requested_context(MR_IMAGE_STORAGE)
-    assoc = ae.associate("127.0.0.1", job["port"], ae_title="BOLDSTREAM")
-    if not assoc.is_established:
-        results.put({"scanner": job["index"], "error": "association refused"})
+    # The simulator's requestor: it parks pynetdicom's reactor before each C-STORE,
+    # which plain send_c_store does not (pydicom/pynetdicom#850: a response taken
+    # off the queue by the reactor, and the association stalls).
+    options = SendOptions(calling_aet=f"SCANNER{job['index']}", timeout_s=60.0)
+    try:
+        assoc = associate("127.0.0.1", job["port"], options)
+    except SimulatorError as exc:
+        results.put({"scanner": job["index"], "error": f"association refused: {exc}"})
         return
     n_slices = shape[2]
     start_all = job["start"]
@@ -134,7 +135,7 @@ def scanner(job: dict[str, Any], results: Any) -> None:
                     ds.AcquisitionNumber = ds.TemporalPositionIdentifier = t + 1
                     ds.InstanceNumber = t * n_slices + k + 1
                     ds.AcquisitionTime = ds.ContentTime = _tm(spec.start_time_s + t * tr)
-                    status = assoc.send_c_store(ds)
+                    status = store_instance(assoc, ds, options.timeout_s)
                     code = int(getattr(status, "Status", -1)) if status else -1
                     if code != 0:
                         ok = False

@@ -37,7 +37,15 @@ from boldstream.simulator.encode import (
 )
 from boldstream.simulator.phantom import PhantomRun, SimulatorError
 
-__all__ = ["SendOptions", "SendReport", "iter_instances", "send_run", "write_run"]
+__all__ = [
+    "SendOptions",
+    "SendReport",
+    "associate",
+    "iter_instances",
+    "send_run",
+    "store_instance",
+    "write_run",
+]
 
 
 @dataclass(frozen=True)
@@ -161,15 +169,19 @@ class _TrackedCheckpoint:
         return False
 
 
-def _store(assoc: Any, ds: Dataset, timeout_s: float) -> Any:
-    """``send_c_store`` with the reactor parked first (see :class:`_TrackedCheckpoint`)."""
+def store_instance(assoc: Any, ds: Dataset, timeout_s: float) -> Any:
+    """``send_c_store`` with the reactor parked first (see :class:`_TrackedCheckpoint`).
+
+    ``assoc`` must come from :func:`associate`.
+    """
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if isinstance(checkpoint, _TrackedCheckpoint) and not checkpoint.park_reactor(timeout_s):
         raise SimulatorError("the association's reactor did not pause (association lost?)")
     return assoc.send_c_store(ds)
 
 
-def _associate(host: str, port: int, options: SendOptions) -> Any:
+def associate(host: str, port: int, options: SendOptions) -> Any:
+    """An established association for :func:`store_instance` (SimulatorError if not)."""
     ae = AE(ae_title=options.calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = options.timeout_s
     for sop in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE):
@@ -205,7 +217,7 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
 
     def worker() -> None:
         try:
-            assoc = _associate(host, port, options)
+            assoc = associate(host, port, options)
         except BaseException as exc:
             errors.append(exc)
             while work.get() is not None:  # keep the producer unblocked
@@ -213,7 +225,7 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
             return
         try:
             while (ds := work.get()) is not None:
-                status = _store(assoc, ds, options.timeout_s)
+                status = store_instance(assoc, ds, options.timeout_s)
                 code = int(getattr(status, "Status", -1)) if status else -1
                 with lock:
                     report.instances += 1
