@@ -25,6 +25,7 @@ Decisions these tests pin down (docs/scanner-setup.md says the same):
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -238,9 +239,15 @@ def test_other_first_bytes_are_dropped_with_the_reason(
 ) -> None:
     with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
         sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        assert sock.recv(4096) == b""
-    (line,) = live.logged("connection dropped: not a DICOM association request")
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(4096) == b""  # closed, no answer
+        except OSError as exc:
+            # The receiver may drop us before we finish: closing a socket with
+            # unread bytes (here, those past the eight it peeked) sends a reset.
+            assert exc.errno in (errno.ECONNRESET, errno.ENOTCONN), exc
+    line = live.wait_logged("connection dropped: not a DICOM association request")
+    assert len(live.logged("connection dropped: not a DICOM association request")) == 1
     assert reason in line["reason"]
     live.echo()
 
