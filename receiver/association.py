@@ -36,7 +36,8 @@ __all__ = ["PromptAssociation", "PromptRequestHandler"]
 class PromptAssociation(Association):
     """An acceptor whose reactor wakes when a DIMSE message is complete."""
 
-    #: Longest wait for a message before the release/abort/timeout checks.
+    #: Longest wait for a message before the release/abort/timeout checks
+    #: (pynetdicom's own cadence for them).
     poll_s: float = 0.001
 
     def _run_reactor(self) -> None:
@@ -87,15 +88,9 @@ class PromptAssociation(Association):
 
 
 class PromptRequestHandler(RequestHandler):
-    """pynetdicom's connection handler, making :class:`PromptAssociation` acceptors.
-
-    ``server.reactor_poll_s`` (when the server has it) sets ``poll_s``.
-    """
+    """pynetdicom's connection handler, making :class:`PromptAssociation` acceptors."""
 
     def _create_association(self) -> Association:
         assoc: Any = super()._create_association()
         assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
-        poll = getattr(self.server, "reactor_poll_s", None)
-        if poll is not None:
-            assoc.poll_s = float(poll)
         return assoc  # type: ignore[no-any-return]

@@ -163,11 +163,11 @@ class Ingest:
                 if got:
                     self._queue.task_done()
 
-    def _series_state(self, item: Received, selection: Selection) -> tuple[str, _SeriesState]:
-        ds = item.dataset
-        uid = str(ds.get("SeriesInstanceUID", ""))
+    def _track_series(self, uid: str, item: Received, selection: Selection) -> None:
+        """Register a new series (logged once), and note that it was seen now."""
         state = self._series.get(uid)
         if state is None:
+            ds = item.dataset
             state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
             self._series[uid] = state
             self._log.info(
@@ -177,10 +177,9 @@ class Ingest:
                 reason=selection.reason,
             )
         state.last_seen = max(state.last_seen, time.time())
-        return uid, state
 
-    def _selection(self, item: Received) -> Selection:
-        state = self._series.get(str(item.dataset.get("SeriesInstanceUID", "")))
+    def _selection(self, uid: str, item: Received) -> Selection:
+        state = self._series.get(uid)
         if state is not None:
             return state.selection
         return self._selector.decide(item.dataset, item.sop_class_uid)
@@ -200,8 +199,8 @@ class Ingest:
             )
 
     def _process(self, item: Received) -> None:
-        selection = self._selection(item)
         uid = str(item.dataset.get("SeriesInstanceUID", ""))
+        selection = self._selection(uid, item)
         fragments: list[Fragment] = []
         problem: DicomInputError | None = None
         with structlog.contextvars.bound_contextvars(series=uid):
@@ -214,8 +213,8 @@ class Ingest:
             if not self._wait_durable(item):
                 return  # refused to the scanner, or a duplicate: the handler logged it
             self.stats.instances += 1
-            _, state = self._series_state(item, selection)
-            if not state.selection.analyse:
+            self._track_series(uid, item, selection)
+            if not selection.analyse:
                 self.stats.skipped += 1
                 return
             try:

@@ -181,9 +181,6 @@ class _TunedServer(ThreadedAssociationServer):
     """
 
     tcp_quickack: bool = True
-    #: How long an association's reactor waits for a message between its checks
-    #: for release, abort and idle timeout (pynetdicom's own cadence for them).
-    reactor_poll_s: float = 0.001
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     handshake_timeout_s: float = 30.0
     log: Any = None
