@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -509,6 +509,71 @@ class SeedConnectivity:
         out = np.zeros(self.shape, dtype=np.float32)
         out.reshape(-1)[self.search_index] = np.nan_to_num(values, nan=0.0)
         return out
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, int | bool], dict[str, npt.NDArray[np.generic]]]:
+        """What :meth:`update` carries from one frame to the next, for a checkpoint.
+
+        Scalars (JSON-able) and arrays; the ring buffer only as far as it is
+        filled. :meth:`restore` on a :class:`SeedConnectivity` built with the
+        same masks and options takes it back exactly.
+        """
+        used = min(self.frames, self.capacity)
+        scalars: dict[str, int | bool] = {
+            "frames": self.frames,
+            "good_frames": self.good_frames,
+            "regression_n": self.regression.n,
+            "has_prev_params": self._prev_params is not None,
+        }
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            f"regression_{k}": v for k, v in self.regression.state().items()
+        }
+        arrays.update(
+            buffer_y=self._y[:used],
+            buffer_s=self._s[:used],
+            buffer_x=self._x[:used],
+            buffer_good=self._good[:used],
+            in_fov=self.in_fov,
+        )
+        if self._prev_params is not None:
+            arrays["prev_params"] = self._prev_params
+        return scalars, arrays
+
+    def restore(self, scalars: dict[str, Any], arrays: dict[str, npt.NDArray[np.generic]]) -> None:
+        """Take back what :meth:`state` gave; a mismatch with these masks is an error."""
+        used = min(int(scalars["frames"]), self.capacity)
+        expected = {
+            "buffer_y": (used, self.search_index.size),
+            "buffer_x": (used, self.n_regressors),
+            "in_fov": (self.brain_index.size,),
+            "regression_cyy": (self.brain_index.size,),
+        }
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise AnalysisError(
+                    f"connectivity state does not fit these masks: {name} is "
+                    f"{arrays[name].shape}, expected {shape}"
+                )
+        self.regression.restore(
+            int(scalars["regression_n"]),
+            {
+                k: np.asarray(arrays[f"regression_{k}"], dtype=np.float64)
+                for k in ("mz", "czz", "my", "czy", "cyy")
+            },
+        )
+        self._y[:used] = arrays["buffer_y"]
+        self._s[:used] = arrays["buffer_s"]
+        self._x[:used] = arrays["buffer_x"]
+        self._good[:used] = arrays["buffer_good"]
+        self.in_fov = np.array(arrays["in_fov"], dtype=bool)
+        self.frames = int(scalars["frames"])
+        self.good_frames = int(scalars["good_frames"])
+        self._prev_params = (
+            np.array(arrays["prev_params"], dtype=np.float64)
+            if scalars["has_prev_params"]
+            else None
+        )
 
     @property
     def censored_frames(self) -> int:

@@ -393,6 +393,21 @@ class TargetTracker:
         #: one, that were all :meth:`TargetRules.steady` (None: the last was not).
         self.steady_since: float | None = None
 
+    def state(self) -> tuple[dict[str, float | None], dict[str, F64]]:
+        """What carries from one recompute to the next (drift, hold), for a checkpoint."""
+        when = np.array([w for w, _ in self.history], dtype=np.float64)
+        where = np.array([r for _, r in self.history], dtype=np.float64).reshape(-1, 3)
+        return {"steady_since": self.steady_since}, {"when": when, "where": where}
+
+    def restore(self, scalars: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        """Take back what :meth:`state` gave."""
+        when = np.asarray(arrays["when"], dtype=np.float64)
+        where = np.asarray(arrays["where"], dtype=np.float64).reshape(-1, 3)
+        self.history.clear()
+        self.history.extend((float(w), r.copy()) for w, r in zip(when, where, strict=True))
+        since = scalars["steady_since"]
+        self.steady_since = None if since is None else float(since)
+
     def _pick(self, conn: SeedConnectivity, values: F64 | None) -> TargetPoint | None:
         if values is None or not np.isfinite(values).any():
             return None

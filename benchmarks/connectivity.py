@@ -15,8 +15,11 @@ recompute (:meth:`TargetTracker.update`: band-pass of the buffer, OLS on all,
 first-half and second-half frames, three smoothings and decisions, the test
 against ``--surrogates`` phase-randomised seeds, the map) beside the same
 recompute without the test (its peer in the same run),
-and the memory the series holds (running sums + ring buffer) and the peak the
-recompute allocates (tracemalloc). Prints a Markdown table.
+the memory the series holds (running sums + ring buffer) and the peak the
+recompute allocates (tracemalloc), and the checkpoint the connectivity stage
+writes after each recompute (its state through
+:class:`~boldstream.pipeline.checkpoint.CheckpointStore`, to a folder on the
+current directory's disk: time and size). Prints a Markdown table.
 
     python benchmarks/connectivity.py                  # both sizes, 15 minutes
     python benchmarks/connectivity.py --sizes 64 --minutes 8
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -43,6 +47,8 @@ from boldstream.analysis.connectivity import SeedConnectivity
 from boldstream.analysis.registration import native_rois, register_to_template
 from boldstream.analysis.rois import template_rois
 from boldstream.analysis.target import TargetTracker
+from boldstream.pipeline.checkpoint import CheckpointStore
+from boldstream.receiver.volume import SeriesInfo
 from boldstream.simulator.phantom import make_phantom_run
 
 # name: (matrix, voxel mm, TR s), SPEC section 7
@@ -99,6 +105,7 @@ def bench(
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
     assert estimate is not None
+    checkpoint_ms, checkpoint_mb = _checkpoint(conn, tracker)
     truth = np.asarray(run.truth["network"]["target"]["scanner_ras_mm"])
     return {
         "frames": float(n),
@@ -114,8 +121,28 @@ def bench(
         "held_mb": conn.nbytes / 1e6,
         "peak_mb": peak / 1e6,
         "dice": reg.dice,
+        "checkpoint_ms": checkpoint_ms,
+        "checkpoint_mb": checkpoint_mb,
         "error_mm": float(np.linalg.norm(np.asarray(estimate.values["ras_mm"]) - truth)),
     }
+
+
+def _checkpoint(conn: SeedConnectivity, tracker: TargetTracker) -> tuple[float, float]:
+    """Median ms and MB of writing the stage's state as it does after a recompute."""
+    info = SeriesInfo(series_uid="1.2.3", study_uid="1.2", description="", session_key="bench")
+    times = []
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as folder:
+        store = CheckpointStore(folder, "connectivity")
+        for i in range(5):
+            start = time.perf_counter()
+            scalars, arrays = conn.state()
+            tracker_scalars, tracker_arrays = tracker.state()
+            arrays = {f"conn_{k}": v for k, v in arrays.items()}
+            arrays.update({f"tracker_{k}": v for k, v in tracker_arrays.items()})
+            store.write(info, i, {"connectivity": scalars, "tracker": tracker_scalars}, arrays)
+            times.append((time.perf_counter() - start) * 1000.0)
+        size = sum(f.stat().st_size for f in store.folder(info).iterdir())
+    return statistics.median(times), size / 1e6
 
 
 def main() -> None:
@@ -131,9 +158,9 @@ def main() -> None:
         "| matrix | TR s | frames | brain voxels | search voxels | registration s "
         "| update ms (median / p95) | online map ms "
         f"| target recompute s ({args.surrogates} null seeds / none) "
-        "| held MB | recompute peak MB | p |"
+        "| held MB | recompute peak MB | checkpoint ms / MB | p |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         r = bench(
             size,
@@ -148,7 +175,8 @@ def main() -> None:
             f"| {r['search']:.0f} | {r['registration_s']:.2f} "
             f"| {r['update_ms']:.1f} / {r['update_p95_ms']:.1f} | {r['map_ms']:.1f} "
             f"| {r['recompute_s']:.2f} / {r['plain_s']:.2f} | {r['held_mb']:.0f} "
-            f"| {r['peak_mb']:.0f} | {r['p_value']:.3f} |",
+            f"| {r['peak_mb']:.0f} | {r['checkpoint_ms']:.0f} / {r['checkpoint_mb']:.0f} "
+            f"| {r['p_value']:.3f} |",
             flush=True,
         )
 

@@ -19,7 +19,10 @@ dying, not against the machine losing power: the spool is what survives that.
 The state itself is read from and written back into the analysis objects
 (:class:`~boldstream.analysis.MotionCorrector`,
 :class:`~boldstream.analysis.QCAccumulator`) by :func:`motion_state` /
-:func:`restore_motion` and :func:`qc_state` / :func:`restore_qc`.
+:func:`restore_motion` and :func:`qc_state` / :func:`restore_qc`; the
+connectivity stage's from its own
+:meth:`~boldstream.analysis.SeedConnectivity.state` and
+:meth:`~boldstream.analysis.TargetTracker.state`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ __all__ = [
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 Arrays = dict[str, npt.NDArray[Any]]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars in a checkpoint's state (e.g. a target's values) as Python ones."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} cannot go into a checkpoint's state")
 
 
 def _safe(text: str) -> str:
@@ -94,7 +104,9 @@ class CheckpointStore:
         os.replace(tmp, folder / name)
         document = {"index": index, "arrays": name, "state": state}
         tmp_json = folder / "state.json.tmp"
-        tmp_json.write_text(json.dumps(document, separators=(",", ":"), allow_nan=False))
+        tmp_json.write_text(
+            json.dumps(document, separators=(",", ":"), allow_nan=False, default=_plain)
+        )
         os.replace(tmp_json, folder / "state.json")
         for old in folder.glob("state-*.npz"):
             if old.name != name:

@@ -34,12 +34,16 @@ when its end arrives, so a ``drain`` waits for it. The corrected volume is
 passed on only with ``forward_corrected`` (the pipeline's consumers want it);
 otherwise it stops here.
 
-No checkpoint: a series' state is tens of MB (running sums for every brain
-voxel and the ring buffer), so this stage is not one of the pipeline's
-stateful stages. If its process dies and is restarted, each open series
-starts its connectivity again from the volumes that follow (a new
-registration after ``registration_volumes`` of them); the ``target`` results
-published before stay valid.
+Restarts: with a checkpoint folder (process mode), a series' state (the
+registration and masks, the running sums, the ring buffer, the target
+history and the last target) is written after every target recompute, and
+every ``checkpoint_every`` volumes when no target comes; not while the first
+volumes wait for the registration. The state is tens of MB, hence the sparse
+cadence; the pipeline's journal keeps the volumes since the last checkpoint.
+A restarted stage resumes each open series from its checkpoint, so the
+targets after a restart are those of an uninterrupted run; what it emitted
+for a re-sent volume (warnings, the target at the checkpoint) it emits again,
+and the pipeline publishes each once.
 """
 
 from __future__ import annotations
@@ -55,7 +59,12 @@ import numpy as np
 import numpy.typing as npt
 
 from boldstream.analysis.connectivity import SeedConnectivity
-from boldstream.analysis.registration import native_rois, register_to_template
+from boldstream.analysis.registration import (
+    NativeRois,
+    Registration,
+    native_rois,
+    register_to_template,
+)
 from boldstream.analysis.rois import TemplateRois, template_rois
 from boldstream.analysis.target import TargetRules, TargetTracker
 from boldstream.config.settings import Settings
@@ -64,6 +73,7 @@ from boldstream.pipeline.stages import (
     CORRECTED,
     SKIPPED,
     _Gate,
+    _history_from,
     _SeriesStage,
     _SeriesState,
     corrected_index,
@@ -76,6 +86,14 @@ __all__ = ["ConnectivityStage", "connectivity_options"]
 
 #: Below this brain-mask Dice the registration is reported as poor.
 POOR_DICE = 0.75
+#: The native masks, written once per series beside its checkpoints.
+_MASKS = ("brain", "seed", "search", "wm", "csf")
+#: Volumes between this stage's checkpoints, as a multiple of the pipeline's.
+_SPARSE = 4
+
+
+def _prefixed(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 @dataclass(eq=False)
@@ -89,6 +107,10 @@ class _ConnSeries(_SeriesState):
     tracker: TargetTracker | None = None
     failed: str | None = None
     since_target: int = 0
+    #: The last target result (a restarted stage sends it again if it was lost).
+    last_target: Result | None = None
+    #: Rebuilt from a checkpoint by a restarted stage.
+    restored: bool = False
 
 
 class ConnectivityStage(_SeriesStage):
@@ -118,10 +140,8 @@ class ConnectivityStage(_SeriesStage):
         checkpoint_every: int = 10,
         history: int = 256,
     ) -> None:
-        # never checkpointed (see the module docstring): the store stays off
-        del checkpoint_dir
         super().__init__(
-            name, checkpoint_dir=None, checkpoint_every=checkpoint_every, history=history
+            name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, history=history
         )
         self.registration_volumes = max(1, int(registration_volumes))
         self.connectivity_options: dict[str, Any] = {
@@ -157,10 +177,91 @@ class ConnectivityStage(_SeriesStage):
     def restore_state(
         self, series: SeriesInfo, index: int, state: dict[str, Any], arrays: dict[str, Any]
     ) -> _SeriesState:
-        return self.new_state(series)
+        out = _ConnSeries(
+            info=series,
+            gate=_Gate(int(state["next"])),
+            history=_history_from(state["history"]),
+            last_index=index,
+            tr_s=float(state["tr_s"]),
+            failed=state["failed"],
+            since_target=int(state["since_target"]),
+            restored=True,
+        )
+        if "registration" in state:
+            out.conn = self._restore_connectivity(series, out.tr_s, state, arrays)
+            out.tracker = TargetTracker(
+                native2mni=out.conn.rois.registration.native2mni,
+                rules=self.rules,
+                **self.tracker_options,
+            )
+            out.tracker.restore(state["tracker"], _prefixed(arrays, "tracker_"))
+        if "last_target" in state:
+            last = state["last_target"]
+            out.last_target = topics.target_result(
+                series,
+                int(last["index"]),
+                last["values"],
+                correlation_map=arrays["target_map"],
+                vox2ras=arrays["target_vox2ras"],
+            )
+        return out
+
+    def _restore_connectivity(
+        self, series: SeriesInfo, tr_s: float, state: dict[str, Any], arrays: dict[str, Any]
+    ) -> SeedConnectivity:
+        assert self.store is not None
+        fixed = {name: self.store.read_fixed(series, name) for name in (*_MASKS, "vox2ras")}
+        missing = sorted(name for name, value in fixed.items() if value is None)
+        if missing:
+            raise ValueError(f"checkpoint without its fixed arrays {missing}")
+        reg = state["registration"]
+        registration = Registration(
+            native2mni=np.asarray(reg["native2mni"], dtype=np.float64),
+            dice=float(reg["dice"]),
+            correlation=float(reg["correlation"]),
+            iterations=int(reg["iterations"]),
+            converged=bool(reg["converged"]),
+            n_volumes=int(reg["n_volumes"]),
+        )
+        masks = {name: np.asarray(fixed[name], dtype=bool) for name in _MASKS}
+        rois = NativeRois(
+            **masks,
+            vox2ras=np.asarray(fixed["vox2ras"], dtype=np.float64),
+            registration=registration,
+        )
+        conn = SeedConnectivity(rois, tr_s=tr_s, **self.connectivity_options)
+        try:
+            conn.restore(state["connectivity"], _prefixed(arrays, "conn_"))
+        except AnalysisError as exc:
+            raise ValueError(str(exc)) from exc
+        return conn
 
     def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
-        return {}, {}
+        assert isinstance(state, _ConnSeries)
+        data: dict[str, Any] = {
+            "tr_s": state.tr_s,
+            "failed": state.failed,
+            "since_target": state.since_target,
+        }
+        arrays: dict[str, Any] = {}
+        if state.conn is not None and state.tracker is not None:
+            scalars, conn_arrays = state.conn.state()
+            tracker_scalars, tracker_arrays = state.tracker.state()
+            data["registration"] = state.conn.rois.registration.as_dict()
+            data["connectivity"] = scalars
+            data["tracker"] = tracker_scalars
+            arrays.update({f"conn_{k}": v for k, v in conn_arrays.items()})
+            arrays.update({f"tracker_{k}": v for k, v in tracker_arrays.items()})
+        last = state.last_target
+        if last is not None:
+            data["last_target"] = {"index": last.index, "values": last.values}
+            arrays["target_map"] = last.arrays[topics.TARGET_ARRAY_MAP]
+            arrays["target_vox2ras"] = last.affines[topics.TARGET_AFFINE]
+        return data, arrays
+
+    def can_checkpoint(self, state: _SeriesState) -> bool:
+        # Volumes held for the registration are not part of the state.
+        return not (isinstance(state, _ConnSeries) and state.pending)
 
     def process(self, message: Message) -> Iterable[Message]:
         p = message.payload
@@ -168,11 +269,12 @@ class ConnectivityStage(_SeriesStage):
         if series is not None and isinstance(p, Result) and p.topic == CORRECTED:
             key = series_key(series)
             if key not in self._series and p.index is not None:
-                # first sight of a series mid-way (this process was restarted)
-                state = self.new_state(series)
-                state.gate = _Gate(p.index)
-                self._series[key] = state
-                self.counts["series"] += 1
+                # First sight of a series mid-way: this process was restarted.
+                # Its checkpoint, if any, says where to go on; without one,
+                # start at this volume.
+                state = self._state(series)
+                if state.last_index is None:
+                    state.gate = _Gate(p.index)
         if series is not None and isinstance(p, SeriesEnd):
             key = series_key(series)
             current = self._series.get(key)
@@ -193,7 +295,9 @@ class ConnectivityStage(_SeriesStage):
         if p.topic == SKIPPED:
             return [message]
         out: list[Message] = []
-        if fresh and state.failed is None:
+        if not fresh:
+            out.extend(self._emitted_before(state, message, index))
+        elif state.failed is None:
             try:
                 out.extend(self._analyse(state, message, p))
             except Exception as exc:
@@ -208,8 +312,37 @@ class ConnectivityStage(_SeriesStage):
                         topics.warning_result(state.info, index, text, code="connectivity-failed")
                     )
                 )
+            self._remember_emitted(state, index, out)
         if self.forward_corrected:
             out.append(message)
+        return out
+
+    def _remember_emitted(self, state: _ConnSeries, index: int, out: list[Message]) -> None:
+        """Note what volume ``index`` made this stage publish, to send it again if re-sent."""
+        warnings = [
+            [m.payload.values["code"], m.payload.values["message"]]
+            for m in out
+            if isinstance(m.payload, Result) and m.topic == topics.WARNING
+        ]
+        target = any(m.topic == topics.TARGET for m in out)
+        if warnings or target:
+            self.remember(state, index, {"warnings": warnings, "target": target})
+
+    def _emitted_before(self, state: _ConnSeries, message: Message, index: int) -> list[Message]:
+        """What a volume seen before (re-sent after a restart) made this stage publish."""
+        entry = state.history.get(index)
+        if entry is None:
+            return []
+        out = [
+            message.derive(topics.warning_result(state.info, index, text, code=code))
+            for code, text in entry["warnings"]
+        ]
+        if entry["target"]:
+            last = state.last_target
+            if last is not None and last.index == index:
+                out.append(message.derive(last))
+            else:
+                self.log.warning("target of a re-sent volume is no longer held", volume=index)
         return out
 
     # -- analysis -----------------------------------------------------------------------
@@ -274,6 +407,10 @@ class ConnectivityStage(_SeriesStage):
         state.tracker = TargetTracker(
             native2mni=registration.native2mni, rules=self.rules, **self.tracker_options
         )
+        if self.store is not None:
+            for name in _MASKS:
+                self.store.write_fixed(state.info, name, getattr(rois, name))
+            self.store.write_fixed(state.info, "vox2ras", rois.vox2ras)
         self.log.info(
             "registered to MNI152",
             dice=round(registration.dice, 3),
@@ -318,6 +455,8 @@ class ConnectivityStage(_SeriesStage):
             correlation_map=estimate.correlation_map,
             vox2ras=estimate.vox2ras,
         )
+        state.last_target = result
+        state.checkpoint_due = True
         self.log.info(
             "target",
             volume=index,
@@ -329,8 +468,13 @@ class ConnectivityStage(_SeriesStage):
         return [message.derive(result)]
 
     def _final_target(self, state: _ConnSeries, message: Message) -> list[Message]:
-        if state.conn is None or state.since_target == 0 or state.last_index is None:
+        if state.conn is None or state.last_index is None:
             return []
+        if state.since_target == 0:
+            # Nothing new since the last target; a restarted stage sends that
+            # one again in case it was lost with its predecessor.
+            last = state.last_target
+            return [message.derive(last)] if state.restored and last is not None else []
         try:
             return self._target(state, message, state.last_index)
         except Exception:
@@ -338,10 +482,16 @@ class ConnectivityStage(_SeriesStage):
             return []
 
 
-def connectivity_options(settings: Settings) -> dict[str, Any]:
-    """Factory keyword arguments of :class:`ConnectivityStage` (JSON-able)."""
+def connectivity_options(settings: Settings, *, checkpoint_dir: str | None) -> dict[str, Any]:
+    """Factory keyword arguments of :class:`ConnectivityStage` (JSON-able).
+
+    Its state is tens of MB, so besides after every target it is written
+    only every ``4 * pipeline.checkpoint_every`` volumes.
+    """
     c, t = settings.connectivity, settings.target
     return {
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_every": _SPARSE * settings.pipeline.checkpoint_every,
         "registration_volumes": c.registration_volumes,
         "fd_censor_mm": c.fd_censor_mm,
         "motion_model": c.motion_model,

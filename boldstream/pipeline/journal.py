@@ -10,7 +10,9 @@ forget:
   stage restarted from an older checkpoint needs the volumes after it).
 
 With no stateful stage (threads, no checkpoints) the first condition alone
-applies. Memory is bounded by ``checkpoint_every`` plus what is in flight.
+applies. Memory is bounded by the sparsest checkpoint cadence (the
+connectivity stage's: a target recompute, at most ``4 * checkpoint_every``
+volumes) plus what is in flight.
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def replay(
     qc = QCStage(**options["qc"], forward_corrected=sink is not None or with_connectivity)
     chain: list[Any] = [qc]
     if with_connectivity:
-        conn_options = connectivity_options(settings)
+        conn_options = connectivity_options(settings, checkpoint_dir=None)
         chain.append(ConnectivityStage(**conn_options, forward_corrected=sink is not None))
         if settings.guidance.enabled:
             # The same guidance serve's hub publishes, from the qc and target results.

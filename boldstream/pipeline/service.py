@@ -93,8 +93,6 @@ Submitted = Volume | VolumeIncomplete | SeriesEnd
 Consumer = Callable[[Message], None]
 
 _STAGES = ("motion", "qc", "connectivity")
-#: Stages whose checkpoints the journal waits for (connectivity keeps none).
-_STATEFUL = ("motion", "qc")
 _FACTORIES = {
     "connectivity": "boldstream.pipeline.connectivity_stage:ConnectivityStage",
     "motion": "boldstream.pipeline.stages:MotionStage",
@@ -194,7 +192,9 @@ class Pipeline:
         names = [n for n in _STAGES if n != "connectivity" or self.settings.connectivity.enabled]
         if "connectivity" in names:
             options["qc"]["forward_corrected"] = True
-            options["connectivity"] = connectivity_options(self.settings)
+            options["connectivity"] = connectivity_options(
+                self.settings, checkpoint_dir=checkpoint_dir
+            )
             options["connectivity"]["forward_corrected"] = bool(self._consumers)
         configs = []
         for name in names:
@@ -212,7 +212,8 @@ class Pipeline:
             )
         self._start_curve()
         try:
-            hub = _Hub(self, results_address=results, stateful=_STATEFUL if process else ())
+            # Every stage checkpoints in process mode: the journal waits for all.
+            hub = _Hub(self, results_address=results, stateful=tuple(names) if process else ())
         except BaseException:
             self._stop_curve()
             raise

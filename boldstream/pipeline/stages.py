@@ -138,6 +138,8 @@ class _SeriesState:
     history: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
     since_checkpoint: int = 0
     last_index: int | None = None
+    #: Checkpoint after the current volume whatever ``checkpoint_every`` says.
+    checkpoint_due: bool = False
 
 
 class _SeriesStage(Stage, abc.ABC):
@@ -191,6 +193,10 @@ class _SeriesStage(Stage, abc.ABC):
 
     @abc.abstractmethod
     def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    def can_checkpoint(self, state: _SeriesState) -> bool:
+        """False while the series' state cannot be written yet (checkpoints wait)."""
+        return True
 
     # -- the loop's calls -------------------------------------------------------
 
@@ -288,7 +294,7 @@ class _SeriesStage(Stage, abc.ABC):
             self.counts["processed"] += 1
             state.last_index = index
             state.since_checkpoint += 1
-            if state.since_checkpoint >= self.checkpoint_every:
+            if state.since_checkpoint >= self.checkpoint_every or state.checkpoint_due:
                 out.extend(self._checkpoint(state))
         else:
             self.counts["repeats"] += 1
@@ -303,11 +309,14 @@ class _SeriesStage(Stage, abc.ABC):
     def _checkpoint(self, state: _SeriesState) -> list[Message]:
         if self.store is None or state.last_index is None or state.since_checkpoint == 0:
             return []
+        if not self.can_checkpoint(state):
+            return []
         data, arrays = self.checkpoint_state(state)
         data["next"] = state.last_index + 1
         data["history"] = {str(k): v for k, v in state.history.items()}
         self.store.write(state.info, state.last_index, data, arrays)
         state.since_checkpoint = 0
+        state.checkpoint_due = False
         result = Result(CHECKPOINT, state.info, state.last_index, values={"stage": self.name})
         return [Message(result, {"checkpoint": time.time()})]
 

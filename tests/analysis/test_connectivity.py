@@ -208,3 +208,53 @@ def test_voxels_that_leave_the_slab_are_dropped() -> None:
     assert not (in_fov & top).any()
     assert in_fov[:, :, 2].sum() == rois.brain[:, :, 2].sum()
     assert (conn.running_map()[top] == 0).all()
+
+
+def test_state_and_restore_carry_on_exactly_also_after_the_buffer_wraps() -> None:
+    rois = _small_rois()
+    rng = np.random.default_rng(8)
+    vols, params = _series(rois, 60, rng)
+
+    # 0.5 min at TR 1 s: a 30-frame buffer (16 is the floor) that wraps at frame 30
+    def make() -> SeedConnectivity:
+        return SeedConnectivity(rois, tr_s=1.0, fd_censor_mm=0.5, buffer_minutes=0.5)
+
+    for cut in (10, 45):
+        whole, half = make(), make()
+        for v, p in zip(vols[:cut], params[:cut], strict=True):
+            whole.update(v, p)
+            half.update(v, p)
+        scalars, arrays = half.state()
+        resumed = make()
+        resumed.restore(scalars, {k: np.array(a) for k, a in arrays.items()})
+        for v, p in zip(vols[cut:], params[cut:], strict=True):
+            a, b = whole.update(v, p), resumed.update(v, p)
+            assert (a.censored, a.fd_mm, a.good_frames) == (b.censored, b.fd_mm, b.good_frames)
+        assert resumed.frames == whole.frames == 60
+        np.testing.assert_array_equal(resumed.running_map(), whole.running_map())
+        np.testing.assert_array_equal(
+            resumed.search_maps(surrogates=5).all, whole.search_maps(surrogates=5).all
+        )
+
+
+def test_restore_refuses_a_state_of_other_masks() -> None:
+    rois = _small_rois()
+    rng = np.random.default_rng(9)
+    vols, params = _series(rois, 5, rng)
+    conn = SeedConnectivity(rois, tr_s=2.0)
+    for v, p in zip(vols, params, strict=True):
+        conn.update(v, p)
+    scalars, arrays = conn.state()
+    smaller = rois.search.copy()
+    smaller.reshape(-1)[np.flatnonzero(smaller)[0]] = False
+    other = NativeRois(
+        brain=rois.brain,
+        seed=rois.seed,
+        search=smaller,
+        wm=rois.wm,
+        csf=rois.csf,
+        vox2ras=rois.vox2ras,
+        registration=rois.registration,
+    )
+    with pytest.raises(AnalysisError, match="buffer_y"):
+        SeedConnectivity(other, tr_s=2.0).restore(scalars, arrays)

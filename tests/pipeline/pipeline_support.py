@@ -17,7 +17,7 @@ from boldstream.config import Settings, load_settings
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.simulator.phantom import PhantomRun, make_phantom_run
-from boldstream.stream.messages import Message
+from boldstream.stream.messages import Message, Result
 from boldstream.stream.pubsub import Subscriber
 
 SMALL = (40, 40, 24)
@@ -130,4 +130,33 @@ def collect(sub: Subscriber, *, ends: int, timeout: float = 60.0) -> list[Messag
         m = sub.recv(timeout_ms=int(remaining * 1000))
         if m is not None:
             out.append(m)
+    return out
+
+
+def assert_same_target(got: Message, want: Message) -> None:
+    """Two ``target`` results agree: discrete values equal, numbers to 1e-9, maps to 1e-6."""
+    a, b = got.payload, want.payload
+    assert got.topic == want.topic == "target" and got.index == want.index
+    assert isinstance(a, Result) and isinstance(b, Result)
+    assert a.values.keys() == b.values.keys()
+    for key, value in b.values.items():
+        other = a.values[key]
+        if isinstance(value, float) or (
+            isinstance(value, list) and value and isinstance(value[0], float)
+        ):
+            np.testing.assert_allclose(other, value, rtol=1e-9, atol=1e-12, err_msg=key)
+        else:
+            assert other == value, (key, other, value)
+    for name, array in b.arrays.items():
+        np.testing.assert_allclose(a.arrays[name], array, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def chain(stages: list[Any], messages: list[Message]) -> list[Message]:
+    """``messages`` through ``stages`` in this thread, as the pipeline chains them."""
+    out: list[Message] = []
+    for message in messages:
+        batch = [message]
+        for stage in stages:
+            batch = [m for item in batch for m in stage.process(item)]
+        out.extend(batch)
     return out

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import structlog
 import zmq
-from pipeline_support import as_volume, collect, make_series, pipeline_settings, subscribe, volumes
+from pipeline_support import (
+    as_volume,
+    assert_same_target,
+    chain,
+    collect,
+    make_series,
+    pipeline_settings,
+    subscribe,
+    volumes,
+)
 
 from boldstream.analysis import (
     MotionCorrector,
@@ -41,23 +50,13 @@ def _fresh_logging() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def _chain(stages: list[Any], messages: list[Message]) -> list[Message]:
-    out: list[Message] = []
-    for message in messages:
-        batch = [message]
-        for stage in stages:
-            batch = [m for item in batch for m in stage.process(item)]
-        out.extend(batch)
-    return out
-
-
 def test_stage_publishes_the_phantom_target_like_the_analysis() -> None:
     run = make_phantom_run(n_volumes=120, tr_s=2.0, motion="mild", seed=2)
     series = make_series("9.9.9", tr_s=2.0)
     vols = [as_volume(run.volume(t), run.vox2ras, series, t) for t in range(run.n_volumes)]
     stage = ConnectivityStage(every_s=20.0)
     messages = [Message(v) for v in vols] + [Message(SeriesEnd(series, ended=0.0))]
-    out = _chain([MotionStage(), QCStage(forward_corrected=True), stage], messages)
+    out = chain([MotionStage(), QCStage(forward_corrected=True), stage], messages)
 
     targets = [m for m in out if m.topic == topics.TARGET]
     # every 10 volumes (20 s at TR 2 s), from the first with enough good frames
@@ -104,7 +103,7 @@ def test_stage_publishes_the_phantom_target_like_the_analysis() -> None:
 def test_corrected_volumes_pass_on_when_asked_and_bad_registration_warns() -> None:
     series = make_series("8.8.8")
     vols = volumes(14, series)
-    out = _chain(
+    out = chain(
         [
             MotionStage(),
             QCStage(forward_corrected=True),
@@ -123,7 +122,7 @@ def test_corrected_volumes_pass_on_when_asked_and_bad_registration_warns() -> No
     box = np.zeros((24, 24, 16), dtype=np.float32)
     box[4:20, 4:20, 3:13] = 1000.0 + 300.0 * rng.random((16, 16, 10))
     blank = [as_volume(box, np.eye(4), other, t) for t in range(12)]
-    out = _chain(
+    out = chain(
         [MotionStage(), QCStage(forward_corrected=True), ConnectivityStage()],
         [Message(v) for v in blank],
     )
@@ -184,3 +183,95 @@ def test_replay_writes_the_target_json(tmp_path: Path) -> None:
     target = result[series_key(series)].target
     assert target is not None
     np.testing.assert_allclose(target["ras_mm"], ras, atol=1e-4)
+
+
+def test_a_restarted_stage_resumes_from_its_checkpoint_like_an_unbroken_run(
+    tmp_path: Path,
+) -> None:
+    series = make_series("5.5.5")
+    upstream = chain(
+        [MotionStage(), QCStage(forward_corrected=True)], [Message(v) for v in volumes(60, series)]
+    )
+    corrected = [m for m in upstream if m.topic == CORRECTED]
+    assert [m.index for m in corrected] == list(range(60))
+
+    def stage(folder: Path | None) -> ConnectivityStage:
+        return ConnectivityStage(every_s=20.0, checkpoint_dir=folder, checkpoint_every=40)
+
+    unbroken = [m for m in chain([stage(None)], corrected) if m.topic == topics.TARGET]
+    assert [m.index for m in unbroken] == [19, 29, 39, 49, 59]
+
+    # The first process checkpoints after its targets at 19 and 29, and dies at 34 ...
+    first = stage(tmp_path)
+    before = [m for m in chain([first], corrected[:35]) if m.topic == topics.TARGET]
+    assert [m.index for m in before] == [19, 29]
+    # ... before the pipeline heard of the checkpoint at 29, so the journal
+    # re-sends everything after 19 to its successor.
+    second = stage(tmp_path)
+    after = chain([second], corrected[20:])
+    assert second.counts["restored"] == 1
+    targets = [m for m in after if m.topic == topics.TARGET]
+    # 29 again (it may have been lost with the first process), then the rest
+    assert [m.index for m in targets] == [29, 39, 49, 59]
+    for got, want in zip(targets, unbroken[1:], strict=True):
+        assert_same_target(got, want)
+    # nothing was worked out twice: 20-29 were repeats for the restored state
+    assert second.counts["repeats"] == 10 and second.counts["processed"] == 30
+
+
+def test_a_restarted_stage_without_a_checkpoint_starts_over_and_says_what_it_said(
+    tmp_path: Path,
+) -> None:
+    series = make_series("5.5.6")
+    upstream = chain(
+        [MotionStage(), QCStage(forward_corrected=True)], [Message(v) for v in volumes(25, series)]
+    )
+    corrected = [m for m in upstream if m.topic == CORRECTED]
+    first = ConnectivityStage(every_s=20.0, checkpoint_dir=tmp_path, checkpoint_every=40)
+    said = [m for m in chain([first], corrected) if m.topic in (topics.TARGET, topics.WARNING)]
+    assert [m.index for m in said if m.topic == topics.TARGET] == [19]
+    # A successor restored from the checkpoint at 19 sees 0-19 again (nothing
+    # of this stage's was acknowledged): it says again what was said for them.
+    second = ConnectivityStage(every_s=20.0, checkpoint_dir=tmp_path, checkpoint_every=40)
+    again = [
+        m for m in chain([second], corrected[:20]) if m.topic in (topics.TARGET, topics.WARNING)
+    ]
+    assert [(m.topic, m.index) for m in again] == [(m.topic, m.index) for m in said]
+    assert_same_target(again[-1], said[-1])
+    assert second.counts["processed"] == 0
+
+    # An unreadable checkpoint: the series starts again from the first volume it sees.
+    for path in tmp_path.rglob("state.json"):
+        path.write_text("{not json")
+    third = ConnectivityStage(every_s=20.0, checkpoint_dir=tmp_path, checkpoint_every=40)
+    chain([third], corrected[20:])
+    assert third.counts["restored"] == 0 and third.counts["processed"] == 5
+
+
+def test_a_restarted_stage_repeats_its_warnings_and_keeps_a_failed_series_off(
+    tmp_path: Path,
+) -> None:
+    # a small textured box (motion correction copes) that holds no brain at all
+    other = make_series("7.7.8")
+    rng = np.random.default_rng(0)
+    box = np.zeros((24, 24, 16), dtype=np.float32)
+    box[4:20, 4:20, 3:13] = 1000.0 + 300.0 * rng.random((16, 16, 10))
+    upstream = chain(
+        [MotionStage(), QCStage(forward_corrected=True)],
+        [Message(as_volume(box, np.eye(4), other, t)) for t in range(14)],
+    )
+    corrected = [m for m in upstream if m.topic == CORRECTED]
+
+    def warnings(out: list[Message]) -> list[tuple[int | None, str]]:
+        return [
+            (m.index, m.payload.values["code"])
+            for m in out
+            if isinstance(m.payload, Result) and m.topic == topics.WARNING
+        ]
+
+    first = ConnectivityStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    said = warnings(chain([first], corrected[:12]))
+    assert said == [(9, "registration-failed")]
+    second = ConnectivityStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert warnings(chain([second], corrected)) == said
+    assert second.counts["restored"] == 1 and second.counts["processed"] == 4

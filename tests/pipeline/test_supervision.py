@@ -1,5 +1,6 @@
 """Stage processes over ipc://, supervised: a SIGKILLed stage is restarted and
-every volume still appears exactly once in the published results."""
+every volume still appears exactly once in the published results; a restarted
+connectivity stage resumes from its checkpoint."""
 
 from __future__ import annotations
 
@@ -13,27 +14,40 @@ from typing import Any
 
 import pytest
 import zmq
-from pipeline_support import make_series, pipeline_settings, restamp, subscribe, volumes
+from pipeline_support import (
+    assert_same_target,
+    chain,
+    make_series,
+    pipeline_settings,
+    restamp,
+    subscribe,
+    volumes,
+)
 
+from boldstream.config import Settings
+from boldstream.pipeline.connectivity_stage import ConnectivityStage, connectivity_options
 from boldstream.pipeline.service import Pipeline
+from boldstream.pipeline.stages import MotionStage, QCStage, stage_options
+from boldstream.receiver.volume import Volume
 from boldstream.sinks import topics
-from boldstream.stream.messages import Message
+from boldstream.stream.messages import Message, SeriesEnd
 
 pytestmark = pytest.mark.timeout(240)
 
 N = 60
 
 
-def test_killed_stage_processes_are_restarted_and_nothing_is_lost_or_doubled(
-    tmp_path: Path, ctx: zmq.Context[Any]
-) -> None:
-    series = make_series()
-    vols = volumes(N, series)
-    settings = pipeline_settings(tmp_path, "pipeline.checkpoint_every=5")
+def run_with_kills(
+    settings: Settings, ctx: zmq.Context[Any], vols: list[Volume], kills: dict[int, str]
+) -> tuple[list[Message], dict[str, Any], dict[str, int]]:
+    """Feed ``vols`` to a process-mode pipeline, SIGKILL stage ``kills[i]`` once
+    the ``qc`` result of volume ``i`` is out; every message, health, first pids."""
+    series = vols[0].series
     got: list[Message] = []
+    kills = dict(kills)
     with Pipeline(settings, mode="process") as pipeline:
         sub = subscribe(ctx, pipeline)
-        pids = {name: pipeline.stage_pid(name) for name in ("motion", "qc")}
+        pids = {name: pipeline.stage_pid(name) for name in set(kills.values())}
         assert all(pids.values())
 
         def feed() -> None:
@@ -43,19 +57,19 @@ def test_killed_stage_processes_are_restarted_and_nothing_is_lost_or_doubled(
 
         feeder = threading.Thread(target=feed)
         feeder.start()
-        kills = {15: "motion", 35: "qc"}
         deadline = time.monotonic() + 180
-        while sum(m.topic == topics.QC for m in got) < N:
+        while sum(m.topic == topics.QC for m in got) < len(vols):
             assert time.monotonic() < deadline, Counter(m.topic for m in got)
             m = sub.recv(timeout_ms=1000)
             if m is None:
                 continue
             got.append(m)
             if m.topic == topics.QC and m.index in kills:
-                name = kills.pop(m.index)
-                os.kill(pids[name], signal.SIGKILL)
+                pid = pids[kills.pop(m.index)]
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
         feeder.join()
-        pipeline.end_series(series, n_volumes=N)
+        pipeline.end_series(series, n_volumes=len(vols))
         assert pipeline.drain(60)
         while (m := sub.recv(timeout_ms=2000)) is not None:
             got.append(m)
@@ -63,6 +77,15 @@ def test_killed_stage_processes_are_restarted_and_nothing_is_lost_or_doubled(
                 break
         health = pipeline.health()
         sub.close()
+    return got, health, {k: v for k, v in pids.items() if v is not None}
+
+
+def test_killed_stage_processes_are_restarted_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    vols = volumes(N, make_series())
+    settings = pipeline_settings(tmp_path, "pipeline.checkpoint_every=5")
+    got, health, pids = run_with_kills(settings, ctx, vols, {15: "motion", 35: "qc"})
 
     for topic in (topics.MOTION, topics.QC, topics.VOLUME_RECEIVED):
         counts = Counter(m.index for m in got if m.topic == topic)
@@ -81,3 +104,38 @@ def test_killed_stage_processes_are_restarted_and_nothing_is_lost_or_doubled(
     # FD continues across the restarts (no second "first frame" with FD n/a).
     fd = {m.index: m.payload.values["fd_mm"] for m in got if m.topic == topics.QC}  # type: ignore[union-attr]
     assert [i for i, v in fd.items() if v is None] == [0]
+
+
+def test_a_killed_connectivity_stage_resumes_and_its_targets_are_those_of_an_unbroken_run(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    series = make_series("3.3.3")
+    vols = volumes(N, series)
+    settings = pipeline_settings(tmp_path, "target.every_s=20", "pipeline.checkpoint_every=5")
+    options = stage_options(settings, checkpoint_dir=None)
+    unbroken = [
+        m
+        for m in chain(
+            [
+                MotionStage(**options["motion"]),
+                QCStage(**options["qc"], forward_corrected=True),
+                ConnectivityStage(**connectivity_options(settings, checkpoint_dir=None)),
+            ],
+            [Message(v) for v in vols] + [Message(SeriesEnd(series, ended=0.0))],
+        )
+        if m.topic == topics.TARGET
+    ]
+    assert [m.index for m in unbroken] == [19, 29, 39, 49, 59]
+
+    # killed between the targets at 29 and 39
+    got, health, _ = run_with_kills(settings, ctx, vols, {34: "connectivity"})
+
+    stages = {s["name"]: s for s in health["stages"]}
+    assert stages["connectivity"]["restarts"] == 1
+    assert stages["connectivity"]["stage"]["restored"] == 1
+    targets = [m for m in got if m.topic == topics.TARGET]
+    assert [m.index for m in targets] == [19, 29, 39, 49, 59]
+    for received, want in zip(targets, unbroken, strict=True):
+        assert_same_target(received, want)
+    for topic in (topics.MOTION, topics.QC):
+        assert Counter(m.index for m in got if m.topic == topic) == Counter(range(N))
