@@ -27,9 +27,11 @@ connectivity stage's from its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,14 @@ class CheckpointStore:
 
     def folder(self, series: SeriesInfo) -> Path:
         return self.root / _safe(series.session_key) / _safe(series.series_uid) / _safe(self.stage)
+
+    @staticmethod
+    def forget(root: str | Path, series: SeriesInfo) -> None:
+        """Remove every stage's checkpoints of a finished series."""
+        session = Path(root) / _safe(series.session_key)
+        shutil.rmtree(session / _safe(series.series_uid), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            session.rmdir()  # only if no other series of the session is open
 
     def write_fixed(self, series: SeriesInfo, name: str, array: npt.NDArray[Any]) -> None:
         """An array that never changes for the series (reference volume, mask)."""

@@ -58,10 +58,12 @@ class Journal:
             self._trim(key, entry)
 
     def ended(self, key: Key) -> None:
-        entry = self._series.get(key)
-        if entry is not None:
-            entry.end = None
-            self._trim(key, entry)
+        """The series' end came out of the chain: every stage has finished it.
+
+        The chain is first-in first-out, so every result of the series came
+        out before its end; nothing of it will ever be re-sent.
+        """
+        self._series.pop(key, None)
 
     def checkpoint(self, key: Key, stage: str, index: int) -> None:
         entry = self._series.setdefault(key, _Entry())

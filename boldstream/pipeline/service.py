@@ -55,6 +55,7 @@ import zmq
 from boldstream.config.settings import Settings
 from boldstream.errors import StreamError
 from boldstream.logs import get_logger
+from boldstream.pipeline.checkpoint import CheckpointStore
 from boldstream.pipeline.connectivity_stage import connectivity_options
 from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
 from boldstream.pipeline.journal import Journal
@@ -745,6 +746,8 @@ class _Hub:
             state.ended = True
             state.view.ended = p.ended
             self.journal.ended(key)
+            if self.owner._run_dir is not None:
+                CheckpointStore.forget(self.owner._run_dir, state.info)
             self._guide(message)
             self._publish(message)
 

@@ -76,6 +76,11 @@ def run_with_kills(
             if m.kind == "series-end":
                 break
         health = pipeline.health()
+        # A finished series leaves no checkpoint behind (the run folder stays
+        # until the pipeline stops).
+        root = settings.receiver.spool_dir / "pipeline-state"
+        assert [p.name for p in root.glob("run-*")] != []
+        assert [p for p in root.glob("run-*/*")] == []
         sub.close()
     return got, health, {k: v for k, v in pids.items() if v is not None}
 
@@ -130,6 +135,7 @@ def test_a_killed_connectivity_stage_resumes_and_its_targets_are_those_of_an_unb
     # killed between the targets at 29 and 39
     got, health, _ = run_with_kills(settings, ctx, vols, {34: "connectivity"})
 
+    assert health["hub"]["journal"] == 0  # nothing of the ended series is kept
     stages = {s["name"]: s for s in health["stages"]}
     assert stages["connectivity"]["restarts"] == 1
     assert stages["connectivity"]["stage"]["restored"] == 1
