@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from boldstream.config.settings import AssemblySettings
 from boldstream.errors import DicomInputError
@@ -52,6 +54,8 @@ ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 _PHOTOMETRIC_OK = ("MONOCHROME1", "MONOCHROME2")
+#: Transfer syntaxes whose pixel data :func:`_native_pixels` reads directly.
+_NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 #: Orientations of the frames of one volume must agree to this (direction
 #: cosines); a localizer with tilted planes differs by several degrees.
 _ORIENTATION_TOLERANCE = 1e-3
@@ -159,6 +163,9 @@ _READ_KEYWORDS = [
 ]
 
 
+_READ_TAGS = [(keyword, Tag(keyword)) for keyword in _READ_KEYWORDS]
+
+
 def _check_readable(ds: pydicom.Dataset) -> None:
     """Convert the elements decoding reads, once, up front.
 
@@ -168,9 +175,12 @@ def _check_readable(ds: pydicom.Dataset) -> None:
     then. Doing it here, where nothing but that conversion runs, turns each
     into one DicomInputError naming the element.
     """
-    for keyword in _READ_KEYWORDS:
+    for keyword, tag in _READ_TAGS:
         try:
-            value = ds.get(keyword)
+            element = ds.get(tag)  # a tag, not a keyword: no name lookup per call
+            if element is None:
+                continue
+            value = element.value
             if isinstance(value, pydicom.Sequence):
                 for item in value:
                     for _ in item.iterall():
@@ -306,13 +316,37 @@ def _pixel_array(ds: pydicom.Dataset, frames: int = 1) -> npt.NDArray[Any]:
                 f"pixel data is {have} bytes but {rows}x{cols}x{frames} pixels of {bits} bits "
                 f"need {needed}: truncated or corrupt instance"
             )
+    expected = (frames, rows, cols) if frames > 1 else (rows, cols)
+    explicit = _as_int(ds.get("BitsAllocated")) in (8, 16, 32) and ds.get("SamplesPerPixel") == 1
+    if explicit and transfer in _NATIVE_LITTLE_ENDIAN:
+        return _native_pixels(ds, bits, expected)
     try:
         array: npt.NDArray[Any] = ds.pixel_array
     except Exception as exc:
         raise DicomInputError(f"pixel data cannot be decoded: {exc}") from exc
-    expected = (frames, rows, cols) if frames > 1 else (rows, cols)
     if array.shape != expected:
         raise DicomInputError(f"pixel data decodes to shape {array.shape}, expected {expected}")
+    return array
+
+
+def _native_pixels(
+    ds: pydicom.Dataset, bits: int, shape: tuple[int, ...]
+) -> npt.NDArray[np.integer[Any]]:
+    """Uncompressed little-endian pixel data as ``ds.pixel_array`` gives it.
+
+    The same values (unused high bits cleared, or sign-extended for signed
+    data, as pydicom does) without its decoder machinery, which took a quarter
+    of the decode time of a 90x90 slice. Read-only: a view on the received bytes
+    when no bits need clearing.
+    """
+    signed = (_as_int(ds.get("PixelRepresentation")) or 0) == 1
+    stored = _as_int(ds.get("BitsStored")) or bits
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    count = int(np.prod(shape))
+    array = np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(shape)
+    if 0 < stored < bits:
+        shift = bits - stored
+        array = np.right_shift(np.left_shift(array, shift), shift)
     return array
 
 

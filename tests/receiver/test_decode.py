@@ -183,6 +183,29 @@ def test_transfer_syntaxes_give_the_same_pixels(pydicom_data: Path, name: str) -
     assert np.array_equal(other.positions, reference.positions)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_unused_high_bits_are_read_as_pydicom_reads_them(
+    builders: ModuleType, signed: bool
+) -> None:
+    """12 of 16 bits stored: the high bits are cleared (or carry the sign), as
+    pydicom's own decoder does, whatever the sender left in them."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 1 << 16, size=(6, 5), dtype=np.uint16)  # high bits: junk
+    raw[0, :3] = [0x0FFF, 0xF800, 0x0800]  # 12-bit extremes, with and without junk
+    ds = _one_slice(builders)
+    ds.PixelData = raw.astype("<u2").tobytes()
+    ds.Rows, ds.Columns = raw.shape
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.PixelRepresentation = int(signed)
+    fragment = _decode_one(ds, AssemblySettings(slices_per_volume=1))
+    expected = ds.pixel_array
+    assert expected.dtype == (np.int16 if signed else np.uint16)
+    assert np.array_equal(fragment.pixels[0], expected)
+    assert fragment.pixels[0].dtype == expected.dtype
+    assert fragment.pixels[0][0, 0] == (-1 if signed else 0x0FFF)
+    assert fragment.pixels[0][0, 2] == (-2048 if signed else 0x0800)
+
+
 def _one_slice(builders: ModuleType, **kwargs: object) -> pydicom.Dataset:
     args: dict[str, object] = {
         "series_uid": "1.2.3.4",
