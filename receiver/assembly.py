@@ -336,6 +336,8 @@ class Assembler:
             _fill(data[:, :, z], item)
         if series.info.slice_timing is None:
             timing = _slice_timing(items)
+            if timing is None and series.info.encoding == "slice":
+                timing = _timing_from_acquisition_times(items, series.info.tr_s)
             if timing is not None:
                 series.info = dataclasses.replace(series.info, slice_timing=timing)
         times = [s.fragment.acquisition_time for s in items]
@@ -373,6 +375,28 @@ def _fill(out: npt.NDArray[np.float32], item: _Slice) -> None:
     np.multiply(pixels, slope, out=out, casting="unsafe")
     if intercept != 0.0:
         out += np.float32(intercept)
+
+
+def _timing_from_acquisition_times(
+    items: list[_Slice], tr_s: float | None
+) -> tuple[float, ...] | None:
+    """One file per slice: each slice's acquisition time after the volume's first.
+
+    Known only when every slice has a time, the times differ (a console that
+    stamps one time on every slice of a volume says nothing about the slice
+    order) and they span less than one TR (SPEC 1: slice timing in seconds
+    from the start of the volume, in volume axis order).
+    """
+    times = [item.fragment.acquisition_time for item in items]
+    known = [t for t in times if t is not None]
+    if len(items) < 2 or len(known) != len(times):
+        return None
+    first = min(known)
+    offsets = tuple(round(t - first, 6) for t in known)
+    spread = max(offsets)
+    if spread <= 0 or (tr_s is not None and spread >= tr_s):
+        return None
+    return offsets
 
 
 def _slice_timing(items: list[_Slice]) -> tuple[float, ...] | None:

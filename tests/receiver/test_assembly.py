@@ -152,6 +152,45 @@ def test_shuffled_slices_with_duplicates_give_the_ordered_volume(builders: Modul
     assert assembler.pending_volumes == 0
 
 
+def _stamp(volumes: list[list[pydicom.Dataset]], offsets: list[float], tr_s: float) -> None:
+    """AcquisitionTime of slice z of volume t: 12:00:00 + t * TR + offsets[z]."""
+    for t, slices in enumerate(volumes):
+        for z, ds in enumerate(slices):
+            seconds = t * tr_s + offsets[z]
+            ds.AcquisitionTime = f"1200{int(seconds // 1):02d}.{round(seconds % 1 * 1e6):06d}"
+
+
+def test_per_slice_timing_comes_from_the_slices_acquisition_times(builders: ModuleType) -> None:
+    volumes, _ = builders.build_series(2, 6, images_in_acquisition=6, tr_ms=2000.0)
+    # interleaved: positions 0, 2, 4 first, then 1, 3, 5; a third of a TR apart
+    offsets = [0.0, 1.0, 1 / 3, 4 / 3, 2 / 3, 5 / 3]
+    _stamp(volumes, offsets, 2.0)
+    fragments = _slice_fragments(volumes)
+    rng = np.random.default_rng(2)
+    arrivals = [fragments[0][i] for i in rng.permutation(6)]
+    assembler = Assembler(SETTINGS)
+    volume = _only_volume([e for f in arrivals for e in assembler.add([f], received=T0)])
+    assert volume.series.slice_timing == pytest.approx(offsets, abs=1e-6)
+    assert volume.acquisition_time == pytest.approx(12 * 3600.0)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "why"),
+    [
+        ([0.0] * 6, "one time stamped on every slice"),
+        ([0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "slices spread over more than one TR"),
+    ],
+)
+def test_per_slice_timing_is_unknown_when_the_times_cannot_be_it(
+    builders: ModuleType, offsets: list[float], why: str
+) -> None:
+    volumes, _ = builders.build_series(1, 6, images_in_acquisition=6, tr_ms=2000.0)
+    _stamp(volumes, offsets, 2.0)
+    assembler = Assembler(SETTINGS)
+    events = [e for f in _slice_fragments(volumes)[0] for e in assembler.add([f], received=T0)]
+    assert _only_volume(events).series.slice_timing is None, why
+
+
 def test_vox2ras_of_assembled_slices(builders: ModuleType) -> None:
     volumes, _ = builders.build_series(1, 5, iop=OBLIQUE, spacing=4.0, images_in_acquisition=5)
     assembler = Assembler(SETTINGS)

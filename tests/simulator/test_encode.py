@@ -230,6 +230,8 @@ def test_slice_timing_follows_slice_times(order: str, tmp_path: Path) -> None:
         got = np.array([dicom_time_to_seconds(ds.AcquisitionTime) for ds in in_volume])
         start = spec.start_time_s + t * spec.tr_s
         assert np.allclose(got - start, want, atol=2e-6), (t, got - start)
+    # ... which the receiver turns into the series' slice timing.
+    assert assemble(slices)[0].series.slice_timing == pytest.approx(tuple(want), abs=2e-6)
 
     # Enhanced MR: per-frame FrameAcquisitionDateTime, as our decoder reads it.
     (series,) = encode_all(run, "enhanced-series", spec)
