@@ -319,28 +319,16 @@ def test_idle_series_is_forgotten(builders: ModuleType) -> None:
     assert assembler.pending_volumes == 0 and assembler._series == {}
 
 
-def test_assembly_latency_of_a_64x64x35_mosaic(mosaic_path: Path) -> None:
-    """Decode + assemble of a 64x64x35 mosaic; the target is p95 < 5 ms."""
-    raw = pydicom.dcmread(mosaic_path)
-    fragment = _decode(raw)[0]
+def test_a_long_run_of_mosaics_leaves_nothing_pending(mosaic_path: Path) -> None:
+    """200 mosaics, each its own volume at once. (Its speed, the 5 ms p95
+    target, is measured in benchmarks/receive.py, not here.)"""
+    fragment = _decode(pydicom.dcmread(mosaic_path))[0]
     assembler = Assembler(SETTINGS)
-    assemble, total = [], []
+    indices = []
     for i in range(200):
-        ds = pydicom.dcmread(mosaic_path)
-        start = time.perf_counter()
-        fragments = _decode(ds)
-        middle = time.perf_counter()
-        moved = [dataclasses.replace(fragments[0], index=fragment.index + i + 1)]
-        assembler.add(moved, received=T0)
-        end = time.perf_counter()
-        assemble.append(end - middle)
-        total.append(end - start)
-    p95_assemble = float(np.percentile(assemble, 95)) * 1e3
-    p95_total = float(np.percentile(total, 95)) * 1e3
-    print(
-        f"mosaic 64x64x35: assemble p95 {p95_assemble:.2f} ms, decode+assemble {p95_total:.2f} ms"
-    )
-    assert p95_total < 5.0
+        moved = [dataclasses.replace(fragment, index=fragment.index + i + 1)]
+        indices += [e.index for e in assembler.add(moved, received=T0) if isinstance(e, Volume)]
+    assert indices == [fragment.index + i + 1 for i in range(200)]
     assert assembler.pending_volumes == 0
 
 
