@@ -127,6 +127,13 @@ def _numbers(value: Any, n: int) -> list[float | None] | None:
     return [_number(v) for v in value]
 
 
+def _texts(value: Any, cap: int = 8) -> list[str]:
+    """The strings of a list (a target's reasons), at most ``cap`` of them."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return []
+    return [v for v in value if isinstance(v, str)][:cap]
+
+
 class Trace:
     """Columns of per-volume values, sorted by ``index``, at most ``cap`` rows."""
 
@@ -418,6 +425,9 @@ def target_view(result: Result) -> dict[str, Any]:
         "split_half_mm": _number(values.get("split_half_mm")),
         "drift_mm": _number(values.get("drift_mm")),
         "good_minutes": _number(values.get("good_minutes")),
+        "p_value": _number(values.get("p_value")),
+        "held_s": _number(values.get("held_s")),
+        "reasons": _texts(values.get("reasons")),
         "slices": [],
         "vmax": None,
     }

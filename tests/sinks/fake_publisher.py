@@ -236,6 +236,9 @@ class FakePublisher:
         *,
         status: topics.TargetStatus = "provisional",
         ras_mm: tuple[float, float, float] = (-36.0, 30.0, 28.0),
+        p_value: float | None = 0.004,
+        held_s: float | None = None,
+        reasons: list[str] | None = None,
     ) -> Result:
         good = self.usable.summary().thresholds[0].minutes
         result = topics.target_result(
@@ -248,6 +251,9 @@ class FakePublisher:
                 "split_half_mm": max(2.0, 20.0 - good * 2.0),
                 "drift_mm": max(0.5, 8.0 - good),
                 "good_minutes": good,
+                "p_value": p_value,
+                "held_s": held_s,
+                "reasons": reasons or [],
                 "rule": "cash2021-cluster",
             },
             correlation_map=target_map(ras_mm, seed=index),

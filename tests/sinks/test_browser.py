@@ -119,11 +119,19 @@ def test_live_page_follows_a_scan(
     assert "goal in" in page.inner_text("#usable-rows")
 
     # The target panel appears once target messages exist.
-    publisher.target(44, status="provisional")
+    why = [
+        "3.2 good minutes, stable needs 8",
+        "within the stable limits for 30 s so far (stable: held for 60 s)",
+    ]
+    publisher.target(44, status="provisional", p_value=0.004, held_s=30.0, reasons=why)
     page.wait_for_selector("#target-panel", state="visible")
     expect(page.locator("#target-slices canvas")).to_have_count(3)
     assert page.inner_text("#target-status").lower() == "provisional"
     assert page.inner_text("#target-ras") == "-36.0, 30.0, 28.0"
+    # ... with why it is not settled yet, and the test against chance.
+    expect(page.locator("#target-reasons li")).to_have_text(why)
+    assert page.inner_text("#target-p") == "p = 0.004"
+    assert page.inner_text("#target-held") == "30 s"
     publisher.scan(15, start=45)
     until("56 FD points", lambda: fd_points(page) >= 56)
 

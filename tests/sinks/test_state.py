@@ -319,6 +319,20 @@ def test_target_without_a_map_still_shows_its_numbers() -> None:
         Result(topics.TARGET, SERIES, 3, values={"status": "stable", "ras_mm": [1, 2, 3]})
     )
     assert view["slices"] == [] and view["status"] == "stable"
+    assert view["p_value"] is None and view["held_s"] is None and view["reasons"] == []
+
+
+def test_target_view_carries_the_test_against_chance_and_the_reasons() -> None:
+    values = {
+        "status": "settling",
+        "p_value": 0.02,
+        "held_s": float("nan"),
+        "reasons": ["no anticorrelation beyond chance yet: p = 0.020", 7, *["more"] * 10],
+    }
+    view = target_view(Result(topics.TARGET, SERIES, 3, values=values))
+    assert view["p_value"] == 0.02 and view["held_s"] is None
+    assert view["reasons"][0].startswith("no anticorrelation beyond chance")
+    assert len(view["reasons"]) == 8 and 7 not in view["reasons"]
 
 
 # --------------------------------------------------------------------------- metrics

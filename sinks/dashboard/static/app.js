@@ -389,8 +389,18 @@
     st.textContent = t.status || "unknown";
     st.className = "status status-" + (t.status || "provisional");
     $("target-note").textContent = t.status === "stable"
-      ? "Settled: split-half and last-minute movement are within limits. Check on the neuronavigation image before use."
+      ? "Settled: the anticorrelation is beyond chance, and the split-half distance and last-minute movement stayed within limits for the hold. Check on the neuronavigation image before use."
       : "Provisional: not settled yet, keep scanning. Do not use for treatment planning yet.";
+    const reasons = t.status === "stable" ? [] : (t.reasons || []);
+    $("target-reasons").replaceChildren(...reasons.map((text) => {
+      const li = document.createElement("li");
+      li.textContent = text;
+      return li;
+    }));
+    $("target-p").textContent = t.p_value === null || t.p_value === undefined
+      ? "not tested" : "p = " + fmt(t.p_value, 3);
+    $("target-held").textContent = t.held_s === null || t.held_s === undefined
+      ? "–" : fmt(t.held_s, 0) + " s";
     const xyz = (v) => (v ? v.map((c) => fmt(c, 1)).join(", ") : "–");
     $("target-ras").textContent = xyz(t.ras_mm);
     $("target-mni").textContent = xyz(t.mni_mm);
