@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -301,6 +302,19 @@ class MotionCorrector:
             )
         levels.reverse()  # coarse to fine
         return levels
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, Any], dict[str, F64]]:
+        """What carries from one volume to the next (for a checkpoint)."""
+        scalars = {"count": self._count, "costs": [float(c) for c in self._costs]}
+        return scalars, {"last": np.asarray(self._last, dtype=np.float64)}
+
+    def restore(self, scalars: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        """Take back what :meth:`state` gave."""
+        self._count = int(scalars["count"])
+        self._costs = deque((float(c) for c in scalars["costs"]), maxlen=self._costs.maxlen)
+        self._last = np.array(arrays["last"], dtype=np.float64)
 
     # ------------------------------------------------------------ per volume
 

@@ -172,6 +172,46 @@ class QCAccumulator:
     def n_volumes(self) -> int:
         return self._count
 
+    def state(self) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+        """What carries from one volume to the next, usable counts included (checkpoints)."""
+        usable = self._usable.state()
+        scalars = {
+            "n": self._n,
+            "count": self._count,
+            "scale": self._scale,
+            "usable_total": usable["total"],
+            "usable_good": usable["good"],
+            "has_prev": self._prev is not None,
+            "has_prev_params": self._prev_params is not None,
+        }
+        arrays: dict[str, npt.NDArray[Any]] = {
+            "mean": self._mean,
+            "m2": self._m2,
+            "buffer": self._buffer,
+        }
+        if self._prev is not None:
+            arrays["prev"] = self._prev
+        if self._prev_params is not None:
+            arrays["prev_params"] = self._prev_params
+        return scalars, arrays
+
+    def restore(self, scalars: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> None:
+        """Take back what :meth:`state` gave."""
+        self._n = int(scalars["n"])
+        self._count = int(scalars["count"])
+        scale = scalars["scale"]
+        self._scale = None if scale is None else float(scale)
+        self._usable.restore({"total": scalars["usable_total"], "good": scalars["usable_good"]})
+        self._mean = np.array(arrays["mean"], dtype=np.float64)
+        self._m2 = np.array(arrays["m2"], dtype=np.float64)
+        self._buffer = np.array(arrays["buffer"], dtype=np.float32)
+        self._prev = np.array(arrays["prev"], dtype=np.float64) if scalars["has_prev"] else None
+        self._prev_params = (
+            np.array(arrays["prev_params"], dtype=np.float64)
+            if scalars["has_prev_params"]
+            else None
+        )
+
     @property
     def std_dvars_scale(self) -> float | None:
         """The current std_DVARS denominator (None before the warm-up)."""

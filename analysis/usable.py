@@ -118,6 +118,15 @@ class UsableData:
                     self._good[i] += 1
         return self.summary()
 
+    def state(self) -> dict[str, int | list[int]]:
+        """The counts so far (for a checkpoint)."""
+        return {"total": self._total, "good": list(self._good)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state` gave."""
+        self._total = int(state["total"])
+        self._good = [int(g) for g in state["good"]]
+
     def summary(self) -> UsableSummary:
         per_min = self.tr_s / 60.0
         rows = []

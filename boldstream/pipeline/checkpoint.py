@@ -16,13 +16,11 @@ its arrays file is complete, so a reader sees the previous checkpoint or the
 new one, never half of one. Checkpoints protect against a stage process
 dying, not against the machine losing power: the spool is what survives that.
 
-The state itself is read from and written back into the analysis objects
-(:class:`~boldstream.analysis.MotionCorrector`,
-:class:`~boldstream.analysis.QCAccumulator`) by :func:`motion_state` /
-:func:`restore_motion` and :func:`qc_state` / :func:`restore_qc`; the
-connectivity stage's from its own
-:meth:`~boldstream.analysis.SeedConnectivity.state` and
-:meth:`~boldstream.analysis.TargetTracker.state`.
+The state itself comes from, and goes back into, the analysis objects'
+own ``state()`` / ``restore()`` (:class:`~boldstream.analysis.MotionCorrector`,
+:class:`~boldstream.analysis.QCAccumulator`,
+:class:`~boldstream.analysis.SeedConnectivity`,
+:class:`~boldstream.analysis.TargetTracker`).
 """
 
 from __future__ import annotations
@@ -32,24 +30,15 @@ import json
 import os
 import re
 import shutil
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from boldstream.analysis.motion import MotionCorrector
-from boldstream.analysis.qc import QCAccumulator
 from boldstream.receiver.volume import SeriesInfo
 
-__all__ = [
-    "CheckpointStore",
-    "motion_state",
-    "qc_state",
-    "restore_motion",
-    "restore_qc",
-]
+__all__ = ["CheckpointStore"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -133,57 +122,3 @@ class CheckpointStore:
         with np.load(folder / document["arrays"], allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         return int(document["index"]), dict(document["state"]), arrays
-
-
-# --------------------------------------------------------------------------- analysis state
-#
-# The analysis classes keep their running state in private attributes; these
-# helpers are the one place that reads and writes them, so a change there
-# shows up in tests/pipeline/test_checkpoint.py.
-
-
-def motion_state(corrector: MotionCorrector) -> tuple[dict[str, Any], Arrays]:
-    """What :class:`MotionCorrector` carries from one volume to the next."""
-    state = {"count": corrector._count, "costs": [float(c) for c in corrector._costs]}
-    return state, {"last": np.asarray(corrector._last, dtype=np.float64)}
-
-
-def restore_motion(corrector: MotionCorrector, state: dict[str, Any], arrays: Arrays) -> None:
-    corrector._count = int(state["count"])
-    corrector._costs = deque((float(c) for c in state["costs"]), maxlen=corrector._costs.maxlen)
-    corrector._last = np.array(arrays["last"], dtype=np.float64)
-
-
-def qc_state(acc: QCAccumulator) -> tuple[dict[str, Any], Arrays]:
-    """What :class:`QCAccumulator` (and its usable-data counts) carries forward."""
-    state = {
-        "n": acc._n,
-        "count": acc._count,
-        "scale": acc._scale,
-        "usable_total": acc._usable._total,
-        "usable_good": list(acc._usable._good),
-        "has_prev": acc._prev is not None,
-        "has_prev_params": acc._prev_params is not None,
-    }
-    arrays: Arrays = {"mean": acc._mean, "m2": acc._m2, "buffer": acc._buffer}
-    if acc._prev is not None:
-        arrays["prev"] = acc._prev
-    if acc._prev_params is not None:
-        arrays["prev_params"] = acc._prev_params
-    return state, arrays
-
-
-def restore_qc(acc: QCAccumulator, state: dict[str, Any], arrays: Arrays) -> None:
-    acc._n = int(state["n"])
-    acc._count = int(state["count"])
-    scale = state["scale"]
-    acc._scale = None if scale is None else float(scale)
-    acc._usable._total = int(state["usable_total"])
-    acc._usable._good = [int(g) for g in state["usable_good"]]
-    acc._mean = np.array(arrays["mean"], dtype=np.float64)
-    acc._m2 = np.array(arrays["m2"], dtype=np.float64)
-    acc._buffer = np.array(arrays["buffer"], dtype=np.float32)
-    acc._prev = np.array(arrays["prev"], dtype=np.float64) if state["has_prev"] else None
-    acc._prev_params = (
-        np.array(arrays["prev_params"], dtype=np.float64) if state["has_prev_params"] else None
-    )

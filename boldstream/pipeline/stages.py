@@ -56,13 +56,7 @@ from boldstream.analysis.qc import QCAccumulator
 from boldstream.config.settings import Settings
 from boldstream.errors import AnalysisError
 from boldstream.logs import get_logger
-from boldstream.pipeline.checkpoint import (
-    CheckpointStore,
-    motion_state,
-    qc_state,
-    restore_motion,
-    restore_qc,
-)
+from boldstream.pipeline.checkpoint import CheckpointStore
 from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.sinks import topics
 from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, SeriesStart, series_key
@@ -401,7 +395,7 @@ class MotionStage(_SeriesStage):
         if reference is not None and vox2ras is not None and "corrector" in state:
             out.reference = reference.astype(np.float32)
             out.corrector = MotionCorrector(reference, vox2ras, **self.options)
-            restore_motion(out.corrector, state["corrector"], arrays)
+            out.corrector.restore(state["corrector"], arrays)
         return out
 
     def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -418,7 +412,7 @@ class MotionStage(_SeriesStage):
             ),
         }
         if state.corrector is not None:
-            corrector_state, corrector_arrays = motion_state(state.corrector)
+            corrector_state, corrector_arrays = state.corrector.state()
             data["corrector"] = corrector_state
             arrays.update(corrector_arrays)
         return data, arrays
@@ -600,7 +594,7 @@ class QCStage(_SeriesStage):
         mask = self.store.read_fixed(series, "mask")
         if mask is not None and out.tr_s is not None and "accumulator" in state:
             out.accumulator = QCAccumulator(mask, tr_s=out.tr_s, **self.options)
-            restore_qc(out.accumulator, state["accumulator"], arrays)
+            out.accumulator.restore(state["accumulator"], arrays)
         return out
 
     def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -608,7 +602,7 @@ class QCStage(_SeriesStage):
         data: dict[str, Any] = {"tr_s": state.tr_s}
         arrays: dict[str, Any] = {}
         if state.accumulator is not None:
-            acc_state, arrays = qc_state(state.accumulator)
+            acc_state, arrays = state.accumulator.state()
             data["accumulator"] = acc_state
         return data, arrays
 
