@@ -27,8 +27,10 @@ Per series:
    with its map and ``vox2ras``.
 
 Ordering and latency: ``qc`` results and everything else pass straight
-through, so connectivity never delays the QC of a volume (a registration or
-a target recompute takes up to a second). A series' last target is emitted
+through, with no analysis of their own; but they pass through this stage's
+process, so a ``qc`` result that arrives during a registration, a target
+recompute or a checkpoint write waits for it (0.5 s, 0.3 s and 30 ms at
+90x90x60 in docs/benchmarks.md). A series' last target is emitted
 before its ``series-end``, and the pipeline counts a series as finished only
 when its end arrives, so a ``drain`` waits for it. The corrected volume is
 passed on only with ``forward_corrected`` (the pipeline's consumers want it);
@@ -335,9 +337,9 @@ class ConnectivityStage(_SeriesStage):
             return []
         out = [
             message.derive(topics.warning_result(state.info, index, text, code=code))
-            for code, text in entry["warnings"]
+            for code, text in entry.get("warnings", [])
         ]
-        if entry["target"]:
+        if entry.get("target"):
             last = state.last_target
             if last is not None and last.index == index:
                 out.append(message.derive(last))
