@@ -18,7 +18,9 @@ lost (sent, no ``qc``: must be 0), instances/s asked for and achieved,
 how far behind schedule the senders ended, the ``latency_ms`` of the ``qc``
 results (last DICOM byte of a volume to its publication) p50/p95/p99, and the
 peak RSS (sampled every 0.5 s) of the receiver+hub process, the stage
-processes together and the whole service.
+processes together (motion, QC, connectivity) and the whole service, and the
+whole service's median RSS in the second minute of sending against its last
+minute (flat or growing).
 
 To keep the senders' CPU small (they share the machine with the service),
 each sender encodes ``--templates`` phantom volumes once and re-sends them
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -183,25 +186,42 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+#: The pipeline's stage processes (``mode="process"``).
+STAGES = ("motion", "qc", "connectivity")
+
+
 class Sampler(threading.Thread):
-    """Peak RSS of this process, the stage processes and their sum."""
+    """RSS of this process, the stage processes and their sum: peaks, and the
+    total over time (to tell a flat footprint from a growing one)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         super().__init__(name="rss", daemon=True)
         self.pipeline = pipeline
         self.stop_event = threading.Event()
         self.peak = {"service": 0.0, "stages": 0.0, "total": 0.0}
+        #: (time.time(), MB per process and in total) every 0.5 s.
+        self.samples: list[tuple[float, dict[str, float]]] = []
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):
-            main = rss_mb(os.getpid())
-            stages = sum(
-                rss_mb(pid)
-                for name in ("motion", "qc")
-                if (pid := self.pipeline.stage_pid(name)) is not None
-            )
-            for key, value in (("service", main), ("stages", stages), ("total", main + stages)):
+            now = {"service": rss_mb(os.getpid())}
+            for name in STAGES:
+                pid = self.pipeline.stage_pid(name)
+                now[name] = rss_mb(pid) if pid is not None else 0.0
+            stages = sum(now[name] for name in STAGES)
+            now["total"] = now["service"] + stages
+            for key, value in (
+                ("service", now["service"]),
+                ("stages", stages),
+                ("total", now["total"]),
+            ):
                 self.peak[key] = max(self.peak[key], value)
+            self.samples.append((time.time(), now))
+
+    def median_between(self, begin: float, end: float, key: str = "total") -> float:
+        """Median MB of ``key`` sampled in [begin, end) (NaN when none)."""
+        values = [mb[key] for when, mb in self.samples if begin <= when < end]
+        return float(np.median(values)) if values else float("nan")
 
 
 class Counting(threading.Thread):
@@ -363,6 +383,17 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_service_mb": sampler.peak["service"],
         "peak_rss_stages_mb": sampler.peak["stages"],
         "peak_rss_total_mb": sampler.peak["total"],
+        # Median total RSS in the second minute of sending and in its last minute.
+        "rss_minute_2_mb": sampler.median_between(start + 60.0, start + 120.0),
+        "rss_last_minute_mb": sampler.median_between(sending_end - 60.0, sending_end),
+        # Per minute of sending (the last one may be partial), for each process.
+        "rss_by_minute_mb": {
+            key: [
+                sampler.median_between(start + 60.0 * m, start + 60.0 * (m + 1), key)
+                for m in range(max(1, math.ceil((sending_end - start) / 60.0)))
+            ]
+            for key in ("total", "service", *STAGES)
+        },
         "errors": errors,
     }
 
@@ -403,6 +434,7 @@ def main() -> int:
         "p95 ms",
         "p99 ms",
         "peak RSS MB",
+        "RSS MB min 2 / last",
     ]
     row = [
         f"{r['pace']:g}x",
@@ -419,6 +451,7 @@ def main() -> int:
         f"{r['latency_p99_ms']:.0f}",
         f"{r['peak_rss_total_mb']:.0f} ({r['peak_rss_service_mb']:.0f}+"
         f"{r['peak_rss_stages_mb']:.0f})",
+        f"{r['rss_minute_2_mb']:.0f} / {r['rss_last_minute_mb']:.0f}",
     ]
     print(table(headers, [row]))
     print(
@@ -426,6 +459,9 @@ def main() -> int:
         f"{r['instances_failed']}, subscriber drops {r['subscriber_dropped']}, results complete "
         f"{r['drained_after_s']:.1f} s after the last send"
     )
+    print("RSS MB, median per minute of sending:")
+    for key, values in r["rss_by_minute_mb"].items():
+        print(f"  {key:<12} " + " ".join(f"{mb:6.0f}" for mb in values))
     for e in r["errors"]:
         print("ERROR", e)
     return 0 if r["volumes_lost"] == 0 and not r["errors"] else 1
