@@ -34,6 +34,7 @@ in turn with fresh UIDs, instance numbers and times.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import multiprocessing as mp
@@ -225,13 +226,17 @@ class Sampler(threading.Thread):
 
 
 class Counting(threading.Thread):
-    """Counts results per topic and series; keeps the qc latencies."""
+    """Counts results per topic and series; keeps the qc latencies, and when
+    each ``qc`` and ``target`` result arrived (to tell what the slow ones follow)."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
         super().__init__(name="count", daemon=True)
         self.sub = Subscriber(ctx, endpoint, rcvhwm=0)
         self.counts: Counter[tuple[str, str]] = Counter()
         self.latency_ms: list[float] = []
+        #: (arrival time, latency ms) of each qc result; arrival times of targets.
+        self.qc_arrivals: list[tuple[float, float]] = []
+        self.target_arrivals: list[float] = []
         self.last_qc = 0.0
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -243,16 +248,57 @@ class Counting(threading.Thread):
                 continue
             with self.lock:
                 self.counts[(m.topic, m.series.series_uid)] += 1
+                if m.topic == topics.TARGET:
+                    self.target_arrivals.append(time.time())
                 if m.topic == topics.QC:
                     self.last_qc = time.time()
                     value = m.payload.values.get(topics.QC_LATENCY_MS)
                     if value is not None:
                         self.latency_ms.append(float(value))
+                        self.qc_arrivals.append((self.last_qc, float(value)))
         self.sub.close()
 
     def total(self, topic: str, uids: set[str]) -> int:
         with self.lock:
             return sum(n for (t, uid), n in self.counts.items() if t == topic and uid in uids)
+
+
+def after_targets(
+    qc: list[tuple[float, float]],
+    targets: list[float],
+    tr_s: float,
+    start: float,
+    window_s: float = 1.0,
+) -> dict[str, Any]:
+    """Where are the slow ``qc`` results, and do they follow ``target`` results?
+
+    For the qc results slower than one (scanner) TR and for all of them: the
+    share that arrived within ``window_s`` after a target result, the median
+    latency of those that did and of those that did not, and when (s after
+    ``start``) each slow one arrived.
+    """
+    marks = sorted(targets)
+
+    def follows(when: float) -> bool:
+        i = bisect.bisect_right(marks, when)
+        return i > 0 and when - marks[i - 1] <= window_s
+
+    near = [lat for when, lat in qc if follows(when)]
+    far = [lat for when, lat in qc if not follows(when)]
+    slow = [when for when, lat in qc if lat > tr_s * 1000.0]
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else float("nan")
+
+    return {
+        "window_s": window_s,
+        "over_tr": float(len(slow)),
+        "over_tr_after_target": sum(map(follows, slow)) / len(slow) if slow else float("nan"),
+        "all_after_target": len(near) / len(qc) if qc else float("nan"),
+        "p50_after_target_ms": median(near),
+        "p50_otherwise_ms": median(far),
+        "over_tr_at_s": [round(when - start, 1) for when in slow],
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -380,6 +426,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         "latency_p50_ms": p50,
         "latency_p95_ms": p95,
         "latency_p99_ms": p99,
+        "slow_qc": after_targets(counting.qc_arrivals, counting.target_arrivals, args.tr, start),
         "peak_rss_service_mb": sampler.peak["service"],
         "peak_rss_stages_mb": sampler.peak["stages"],
         "peak_rss_total_mb": sampler.peak["total"],
@@ -459,6 +506,19 @@ def main() -> int:
         f"{r['instances_failed']}, subscriber drops {r['subscriber_dropped']}, results complete "
         f"{r['drained_after_s']:.1f} s after the last send"
     )
+    slow = r["slow_qc"]
+    print(
+        f"qc results slower than one TR ({r['tr_s']:g} s): {slow['over_tr']:.0f}, "
+        f"{100 * slow['over_tr_after_target']:.0f} % of them within {slow['window_s']:g} s "
+        f"after a target result (all qc: {100 * slow['all_after_target']:.0f} %); "
+        f"p50 {slow['p50_after_target_ms']:.0f} ms there, {slow['p50_otherwise_ms']:.0f} ms "
+        "otherwise"
+    )
+    if slow["over_tr_at_s"]:
+        print(
+            "  they arrived at (s after the first send): "
+            + ", ".join(map(str, slow["over_tr_at_s"]))
+        )
     print("RSS MB, median per minute of sending:")
     for key, values in r["rss_by_minute_mb"].items():
         print(f"  {key:<12} " + " ".join(f"{mb:6.0f}" for mb in values))
