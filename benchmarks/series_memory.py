@@ -34,10 +34,10 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line, table
+from pipeline_e2e import as_volume, series_info
 
 from boldstream.pipeline.connectivity_stage import ConnectivityStage
 from boldstream.pipeline.stages import MotionStage, QCStage
-from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.stream.messages import Message, SeriesEnd
 
@@ -53,33 +53,6 @@ def rss_mb() -> float:
 def traced_mb() -> float:
     gc.collect()
     return tracemalloc.get_traced_memory()[0] / 2**20
-
-
-def series_info(uid: str, tr_s: float) -> SeriesInfo:
-    return SeriesInfo(
-        series_uid=uid,
-        study_uid="1.2.826.0.1.3680043.8.498.77",
-        description="rest",
-        session_key="bench",
-        manufacturer="SIEMENS",
-        encoding="slice",
-        tr_s=tr_s,
-    )
-
-
-def volume(data: np.ndarray, vox2ras: np.ndarray, series: SeriesInfo, index: int) -> Volume:
-    now = time.time()
-    return Volume(
-        data=data,
-        vox2ras=vox2ras,
-        series=series,
-        index=index,
-        acquisition_time=36000.0 + series.tr_s * index if series.tr_s else None,
-        first_received=now,
-        last_received=now,
-        assembled=now,
-        instance_uids=(f"{series.series_uid}.{index}",),
-    )
 
 
 def main() -> int:
@@ -122,15 +95,12 @@ def main() -> int:
     base_traced, base_rss = traced_mb(), rss_mb()
     rows = []
     for r in range(args.rounds):
-        series = [
-            series_info(f"1.2.826.0.1.3680043.8.498.78.{r}.{p}", args.tr)
-            for p in range(args.parallel)
-        ]
+        series = [series_info(f"78.{r}.{p}", args.tr) for p in range(args.parallel)]
         began = time.perf_counter()
         peak_rss = 0.0
         for t in range(args.volumes):
             for s in series:
-                push(Message(volume(arrays[t], vox2ras, s, t)))
+                push(Message(as_volume(arrays[t], vox2ras, s, t)))
             peak_rss = max(peak_rss, rss_mb())
         open_traced = traced_mb()
         for s in series:
