@@ -233,7 +233,6 @@ class Counting(threading.Thread):
         super().__init__(name="count", daemon=True)
         self.sub = Subscriber(ctx, endpoint, rcvhwm=0)
         self.counts: Counter[tuple[str, str]] = Counter()
-        self.latency_ms: list[float] = []
         #: (arrival time, latency ms) of each qc result; arrival times of targets.
         self.qc_arrivals: list[tuple[float, float]] = []
         self.target_arrivals: list[float] = []
@@ -254,7 +253,6 @@ class Counting(threading.Thread):
                     self.last_qc = time.time()
                     value = m.payload.values.get(topics.QC_LATENCY_MS)
                     if value is not None:
-                        self.latency_ms.append(float(value))
                         self.qc_arrivals.append((self.last_qc, float(value)))
         self.sub.close()
 
@@ -399,7 +397,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     instances = sum(r["instances"] for r in reports)
     busy = max((r["finished"] - r["begin"] for r in reports), default=0.0) * args.series
     sending_s = sending_end - start
-    lat = np.asarray(counting.latency_ms) if counting.latency_ms else np.asarray([np.nan])
+    lat = np.asarray([ms for _, ms in counting.qc_arrivals] or [np.nan])
     p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
     return {
         "scanners": args.scanners,
