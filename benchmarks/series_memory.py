@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -34,20 +35,13 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line, table
+from load import rss_mb
 from pipeline_e2e import as_volume, series_info
 
 from boldstream.pipeline.connectivity_stage import ConnectivityStage
 from boldstream.pipeline.stages import MotionStage, QCStage
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.stream.messages import Message, SeriesEnd
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def traced_mb() -> float:
@@ -92,7 +86,7 @@ def main() -> int:
             batch = [out for item in batch for out in stage.process(item)]
 
     tracemalloc.start()
-    base_traced, base_rss = traced_mb(), rss_mb()
+    base_traced, base_rss = traced_mb(), rss_mb(os.getpid())
     rows = []
     for r in range(args.rounds):
         series = [series_info(f"78.{r}.{p}", args.tr) for p in range(args.parallel)]
@@ -101,7 +95,7 @@ def main() -> int:
         for t in range(args.volumes):
             for s in series:
                 push(Message(as_volume(arrays[t], vox2ras, s, t)))
-            peak_rss = max(peak_rss, rss_mb())
+            peak_rss = max(peak_rss, rss_mb(os.getpid()))
         open_traced = traced_mb()
         for s in series:
             push(Message(SeriesEnd(s, ended=time.time())))
@@ -111,7 +105,7 @@ def main() -> int:
                 f"{open_traced - base_traced:.0f}",
                 f"{traced_mb() - base_traced:.1f}",
                 f"{peak_rss:.0f}",
-                f"{rss_mb():.0f}",
+                f"{rss_mb(os.getpid()):.0f}",
                 f"{time.perf_counter() - began:.0f}",
             ]
         )
