@@ -10,7 +10,15 @@ Sockets of one stage:
 
 - ``pull`` (bound): the chain's input, PUSH/PULL so that no volume is dropped;
   a full downstream blocks the sender (back-pressure), it does not lose data.
-- ``push`` (connected, optional): the chain's output, every emitted message.
+- ``push`` (connected, optional): the chain's output, every emitted message
+  except those routed to ``side``.
+- ``side`` (connected, optional): a second output that skips the rest of the
+  chain, for results nothing further down needs (the QC stage sends its ``qc``
+  and ``motion`` results straight to the pipeline's hub, so that they do not
+  wait behind the connectivity stage). Messages whose topic is in
+  ``side_topics`` go there instead of ``push``; those in ``side_copies`` (a
+  series' end) go to both, so the receiver of ``side`` knows when this stage
+  has sent all of a series. PUSH/PULL like ``push``: lossless, back-pressured.
 - ``pub`` (bound XPUB, optional): fan-out of the emitted messages whose kind is
   in ``publish_kinds``; lossy per subscriber by design, see
   :mod:`boldstream.stream.pubsub`.
@@ -126,6 +134,12 @@ class StageConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     pull: str | None = None
     push: str | None = None
+    #: Connected second output; see the module docstring.
+    side: str | None = None
+    #: Topics (a result's topic, else the message kind) sent on ``side`` instead of ``push``.
+    side_topics: tuple[str, ...] = ()
+    #: Topics sent on both ``side`` and ``push``.
+    side_copies: tuple[str, ...] = ("series-end",)
     pub: str | None = None
     control: str | None = None
     publish_kinds: tuple[str, ...] = DEFAULT_PUBLISH_KINDS
@@ -189,17 +203,22 @@ class _Loop:
         self.control = context.socket(zmq.ROUTER)
         self.control.linger = 0
         self.push: zmq.Socket[Any] | None = None
+        self.side: zmq.Socket[Any] | None = None
         self.publisher: Publisher | None = None
         sockets: list[zmq.Socket[Any]] = [self.pull, self.control]
         try:
             self.pull.bind(_required(config.pull, "pull"))
             self.control.bind(_required(config.control, "control"))
-            if config.push is not None:
-                self.push = context.socket(zmq.PUSH)
-                sockets.append(self.push)
-                self.push.linger = linger
-                self.push.sndhwm = config.hwm
-                self.push.connect(config.push)
+            for attribute in ("push", "side"):
+                address = getattr(config, attribute)
+                if address is None:
+                    continue
+                out = context.socket(zmq.PUSH)
+                sockets.append(out)
+                out.linger = linger
+                out.sndhwm = config.hwm
+                out.connect(address)
+                setattr(self, attribute, out)
             if config.pub is not None:
                 xpub = context.socket(zmq.XPUB)
                 sockets.append(xpub)
@@ -267,15 +286,17 @@ class _Loop:
 
     # -- data ----------------------------------------------------------------
 
-    def send_downstream(self, frames: list[Any]) -> bool:
-        """Send, waiting while the next stage is full but still answering control."""
-        assert self.push is not None
+    def send_downstream(self, frames: list[Any], socket: zmq.Socket[Any] | None = None) -> bool:
+        """Send on ``socket`` (default ``push``), waiting while its peer is full
+        but still answering control."""
+        out = self.push if socket is None else socket
+        assert out is not None
         poller = zmq.Poller()
-        poller.register(self.push, zmq.POLLOUT)
+        poller.register(out, zmq.POLLOUT)
         poller.register(self.control, zmq.POLLIN)
         while True:
             try:
-                self.push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                out.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 return True
             except zmq.Again:
                 pass
@@ -295,11 +316,24 @@ class _Loop:
                 self.last["lag"] = now - received
             if self.publisher is not None and message.kind in self.config.publish_kinds:
                 self.publisher.publish(message)
-            if self.push is not None:
-                if self.send_downstream(encode(message)):
+            targets = self._outputs(message.topic)
+            if not targets:
+                continue
+            frames = encode(message)
+            for socket in targets:
+                if self.send_downstream(frames, socket):
                     self.counts["sent"] += 1
                 else:
                     self.counts["abandoned"] += 1
+
+    def _outputs(self, topic: str) -> list[zmq.Socket[Any]]:
+        """The sockets a message of ``topic`` leaves on (``side``, ``push`` or both)."""
+        if self.side is not None:
+            if topic in self.config.side_topics:
+                return [self.side]
+            if topic in self.config.side_copies:
+                return [self.side] if self.push is None else [self.side, self.push]
+        return [] if self.push is None else [self.push]
 
     def handle(self, frames: Sequence[zmq.Frame]) -> None:
         try:
@@ -377,7 +411,7 @@ class _Loop:
         try:
             self.stage.close()
         finally:
-            for s in (self.pull, self.push, self.control):
+            for s in (self.pull, self.push, self.side, self.control):
                 if s is not None:
                     s.close()
             if self.publisher is not None:

@@ -26,15 +26,16 @@ Per series:
    a ``target`` result (:func:`~boldstream.sinks.topics.target_result`)
    with its map and ``vox2ras``.
 
-Ordering and latency: ``qc`` results and everything else pass straight
-through, with no analysis of their own; but they pass through this stage's
-process, so a ``qc`` result that arrives during a registration, a target
-recompute or a checkpoint write waits for it (0.5 s, 0.3 s and 30 ms at
-90x90x60 in docs/benchmarks.md). A series' last target is emitted
-before its ``series-end``, and the pipeline counts a series as finished only
-when its end arrives, so a ``drain`` waits for it. The corrected volume is
-passed on only with ``forward_corrected`` (the pipeline's consumers want it);
-otherwise it stops here.
+Ordering and latency: in the pipeline, the QC stage sends its ``qc`` and
+``motion`` results (and warnings and checkpoint notes) straight to the hub,
+past this stage, so a registration (0.5-1.5 s at 90x90x60, docs/benchmarks.md),
+a target recompute or a checkpoint write here does not delay them; whatever
+else reaches this stage passes straight through. A series' last target is
+emitted before its ``series-end``, and the pipeline counts a series as
+finished only when its end arrives, so a ``drain`` waits for it. The
+corrected volume is passed on only with ``forward_corrected`` (the pipeline's
+consumers want it); otherwise a small ``pipeline.passed`` note goes on in its
+place, which tells the hub that this stage has handled the volume.
 
 Restarts: with a checkpoint folder (process mode), a series' state (the
 registration and masks, the running sums, the ring buffer, the target
@@ -73,6 +74,7 @@ from boldstream.config.settings import Settings
 from boldstream.errors import AnalysisError
 from boldstream.pipeline.stages import (
     CORRECTED,
+    PASSED,
     SKIPPED,
     _Gate,
     _history_from,
@@ -82,7 +84,7 @@ from boldstream.pipeline.stages import (
 )
 from boldstream.receiver.volume import SeriesInfo
 from boldstream.sinks import topics
-from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, series_key
+from boldstream.stream.messages import Gap, Message, Result, series_key
 
 __all__ = ["ConnectivityStage", "connectivity_options"]
 
@@ -275,17 +277,13 @@ class ConnectivityStage(_SeriesStage):
                 # Its checkpoint, if any, says where to go on; without one,
                 # start at this volume.
                 state = self._state(series)
-                if state.last_index is None:
+                if state is not None and state.last_index is None:
                     state.gate = _Gate(p.index)
-        if series is not None and isinstance(p, SeriesEnd):
-            key = series_key(series)
-            current = self._series.get(key)
-            out: list[Message] = []
-            if isinstance(current, _ConnSeries):
-                out.extend(self._final_target(current, message))
-            out.extend(super().process(message))
-            return out
         return list(super().process(message))
+
+    def end_series(self, state: _SeriesState, message: Message) -> list[Message]:
+        assert isinstance(state, _ConnSeries)
+        return self._final_target(state, message)
 
     def handle(self, state: _SeriesState, message: Message, fresh: bool) -> list[Message]:
         assert isinstance(state, _ConnSeries)
@@ -317,6 +315,10 @@ class ConnectivityStage(_SeriesStage):
             self._remember_emitted(state, index, out)
         if self.forward_corrected:
             out.append(message)
+        else:
+            # The hub takes a volume as done once its qc result (sent by QC
+            # straight to the hub) and this acknowledgement are both in.
+            out.append(message.derive(Result(PASSED, state.info, index)))
         return out
 
     def _remember_emitted(self, state: _ConnSeries, index: int, out: list[Message]) -> None:

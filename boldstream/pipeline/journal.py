@@ -4,8 +4,9 @@ The journal keeps, per series, every message sent into the analysis chain
 (volumes and gap markers by index, and the series' end) until it is safe to
 forget:
 
-- the end of the chain has reported the index done (its ``qc`` result, its
-  gap or its ``pipeline.skipped`` marker reached the publisher), and
+- the hub has reported the index done (its ``qc`` result, and with the
+  connectivity stage that stage's acknowledgement, or its gap or its
+  ``pipeline.skipped`` marker, reached the publisher), and
 - every stateful stage has checkpointed a state at or past that index (a
   stage restarted from an older checkpoint needs the volumes after it).
 
@@ -58,9 +59,10 @@ class Journal:
             self._trim(key, entry)
 
     def ended(self, key: Key) -> None:
-        """The series' end came out of the chain: every stage has finished it.
+        """The series' end came out of the chain (and of the QC stage's direct
+        path): every stage has finished it.
 
-        The chain is first-in first-out, so every result of the series came
+        Each path is first-in first-out, so every result of the series came
         out before its end; nothing of it will ever be re-sent.
         """
         self._series.pop(key, None)

@@ -3,7 +3,8 @@
 ::
 
     receiver ingest --submit()--> [hub thread] --PUSH--> motion --PUSH--> qc --PUSH--> connectivity
-                                     ^  |                                                  |
+                                     ^  |  ^                               |               |
+                                     |  |  +------------- PULL (direct) ---+               |
                                      |  +--XPUB (pub_endpoint) <---------------------PULL--+
                                      +--ROUTER (snapshot_endpoint)
 
@@ -21,6 +22,14 @@ from the published ``qc`` and ``target`` results by
 :class:`~boldstream.pipeline.guidance_stage.GuidanceStage`; ``[guidance]``),
 ``gap``, ``warning`` and ``series-end``. Results carry (series, index); the
 hub publishes each (series, topic, index) once and drops repeats.
+
+With the connectivity stage, the QC stage sends ``motion``, ``qc``, its
+warnings and the checkpoint notes straight to the hub (``direct``), so the
+technician's figures never wait behind a registration or a target; the
+corrected volumes go on to the connectivity stage, which acknowledges each
+(``pipeline.passed``). The hub counts a volume done when both its ``qc`` and
+that acknowledgement are in (so ``drain`` still waits for every stage), and
+publishes a series' ``series-end`` once both paths have delivered it.
 
 The analysis stages run as threads over ``inproc://`` (``mode="thread"``) or
 as processes over ``ipc://`` (``mode="process"``, the default of ``serve``).
@@ -64,6 +73,7 @@ from boldstream.pipeline.stages import (
     CHECKPOINT,
     CORRECTED,
     INTERNAL_PREFIX,
+    PASSED,
     SKIPPED,
     stage_options,
 )
@@ -94,6 +104,8 @@ Submitted = Volume | VolumeIncomplete | SeriesEnd
 Consumer = Callable[[Message], None]
 
 _STAGES = ("motion", "qc", "connectivity")
+#: What the QC stage sends straight to the hub when the connectivity stage follows it.
+_DIRECT_TOPICS = (topics.MOTION, topics.QC, topics.WARNING, CHECKPOINT)
 _FACTORIES = {
     "connectivity": "boldstream.pipeline.connectivity_stage:ConnectivityStage",
     "motion": "boldstream.pipeline.stages:MotionStage",
@@ -110,8 +122,14 @@ class _Series:
     last_submit: float
     received: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
+    gaps: set[int] = field(default_factory=set)
+    #: Volumes the chain's end has acknowledged whose qc result is not in yet.
+    passed: set[int] = field(default_factory=set)
     published: dict[str, set[int]] = field(default_factory=dict)
     warned: set[tuple[str, int]] = field(default_factory=set)
+    #: The series' end from the chain, held until the direct path has ended too.
+    chain_end: Message | None = None
+    direct_ended: bool = False
     ended: bool = False
     end_sent: bool = False
 
@@ -185,13 +203,16 @@ class Pipeline:
             self._run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint_dir = str(self._run_dir)
             results = f"ipc://{self._ipc_dir}/results"
+            direct = f"ipc://{self._ipc_dir}/direct"
         else:
             results = f"inproc://pipeline-{self._tag}-results"
+            direct = f"inproc://pipeline-{self._tag}-direct"
         options = stage_options(self.settings, checkpoint_dir=checkpoint_dir)
         if self._consumers:  # they get the corrected volumes too
             options["qc"]["forward_corrected"] = True
         names = [n for n in _STAGES if n != "connectivity" or self.settings.connectivity.enabled]
-        if "connectivity" in names:
+        split = "connectivity" in names
+        if split:
             options["qc"]["forward_corrected"] = True
             options["connectivity"] = connectivity_options(
                 self.settings, checkpoint_dir=checkpoint_dir
@@ -201,6 +222,11 @@ class Pipeline:
         for name in names:
             pull = f"ipc://{self._ipc_dir}/{name}-in" if process else None
             control = f"ipc://{self._ipc_dir}/{name}-control" if process else None
+            side: dict[str, Any] = {}
+            if split and name == "qc":
+                # motion and qc results go straight to the hub, not through
+                # the connectivity stage (whose registration takes seconds).
+                side = {"side": direct, "side_topics": _DIRECT_TOPICS}
             configs.append(
                 StageConfig(
                     name=name,
@@ -209,12 +235,18 @@ class Pipeline:
                     hwm=p.hwm,
                     pull=pull,
                     control=control,
+                    **side,
                 )
             )
         self._start_curve()
         try:
             # Every stage checkpoints in process mode: the journal waits for all.
-            hub = _Hub(self, results_address=results, stateful=tuple(names) if process else ())
+            hub = _Hub(
+                self,
+                results_address=results,
+                direct_address=direct if split else None,
+                stateful=tuple(names) if process else (),
+            )
         except BaseException:
             self._stop_curve()
             raise
@@ -475,7 +507,14 @@ def _remove_stale_runs(root: Path) -> None:
 class _Hub:
     """The thread that owns the pipeline's own sockets; see the module docstring."""
 
-    def __init__(self, owner: Pipeline, *, results_address: str, stateful: tuple[str, ...]):
+    def __init__(
+        self,
+        owner: Pipeline,
+        *,
+        results_address: str,
+        direct_address: str | None,
+        stateful: tuple[str, ...],
+    ):
         self.owner = owner
         self.log = owner.log
         p = owner.settings.pipeline
@@ -513,6 +552,12 @@ class _Hub:
             self.results = self._socket(zmq.PULL)
             self.results.rcvhwm = p.hwm
             self.results.bind(results_address)
+            #: The QC stage's results sent past the connectivity stage (None: no split).
+            self.direct: zmq.Socket[Any] | None = None
+            if direct_address is not None:
+                self.direct = self._socket(zmq.PULL)
+                self.direct.rcvhwm = p.hwm
+                self.direct.bind(direct_address)
             xpub = self._socket(zmq.XPUB)
             if owner.curve is not None:
                 owner.curve.apply(xpub)
@@ -562,6 +607,8 @@ class _Hub:
         poller = zmq.Poller()
         poller.register(self.submit_pull, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
+        if self.direct is not None:
+            poller.register(self.direct, zmq.POLLIN)
         poller.register(self.publisher.socket, zmq.POLLIN)
         if self.router is not None:
             poller.register(self.router, zmq.POLLIN)
@@ -575,6 +622,8 @@ class _Hub:
                 if deadline is not None:
                     timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(timeout))
+                if self.direct is not None and self.direct in events:
+                    self._drain_socket(self.direct, self._on_direct)
                 if self.results in events:
                     self._drain_socket(self.results, self._on_result)
                 if self.submit_pull in events:
@@ -720,7 +769,11 @@ class _Hub:
 
     # -- results ---------------------------------------------------------------------
 
-    def _on_result(self, message: Message) -> None:
+    def _on_direct(self, message: Message) -> None:
+        """What the QC stage sent past the connectivity stage: results and its series ends."""
+        self._on_result(message, direct=True)
+
+    def _on_result(self, message: Message, *, direct: bool = False) -> None:
         p = message.payload
         series = message.series
         if series is None:
@@ -730,6 +783,11 @@ class _Hub:
         state = self.series.get(key)
         if state is None:  # results of a series from before a restart of ours
             return
+        if state.ended:
+            # Every path delivered all of the series before its end: what
+            # comes now is a repeat (a stage re-doing re-sent volumes).
+            self._duplicate()
+            return
         if isinstance(p, Result):
             self._on_analysis(state, key, message, p)
         elif isinstance(p, Gap):
@@ -737,19 +795,37 @@ class _Hub:
                 self._duplicate()
                 return
             state.view.counts["gaps"] += 1
+            state.gaps.add(p.index)
             self._finish(state, key, p.index)
             self._publish(message)
         elif isinstance(p, SeriesEnd):
-            if state.ended:
+            if state.ended or (state.direct_ended if direct else state.chain_end is not None):
                 self._duplicate()
                 return
-            state.ended = True
-            state.view.ended = p.ended
-            self.journal.ended(key)
-            if self.owner._run_dir is not None:
-                CheckpointStore.forget(self.owner._run_dir, state.info)
-            self._guide(message)
-            self._publish(message)
+            if direct:
+                state.direct_ended = True
+            else:
+                state.chain_end = message
+            self._end(state, key)
+
+    def _end(self, state: _Series, key: Key) -> None:
+        """Publish the series' end once every path has delivered all of the series.
+
+        Each path is first-in first-out: the chain's end follows every result
+        the chain made of the series, and with the split the QC stage's copy
+        of the end follows every result it sent straight here.
+        """
+        message = state.chain_end
+        if message is None or (self.direct is not None and not state.direct_ended):
+            return
+        assert isinstance(message.payload, SeriesEnd)
+        state.ended = True
+        state.view.ended = message.payload.ended
+        self.journal.ended(key)
+        if self.owner._run_dir is not None:
+            CheckpointStore.forget(self.owner._run_dir, state.info)
+        self._guide(message)
+        self._publish(message)
 
     def _on_analysis(self, state: _Series, key: Key, message: Message, p: Result) -> None:
         index = p.index
@@ -768,6 +844,12 @@ class _Hub:
             if index is not None and index not in seen:
                 seen.add(index)
                 self._tap(message)
+            if index is not None and self.direct is not None:
+                self._passed(state, key, index)
+            return
+        if p.topic == PASSED:
+            if index is not None:
+                self._passed(state, key, index)
             return
         if p.topic.startswith(INTERNAL_PREFIX):
             return
@@ -785,7 +867,7 @@ class _Hub:
             self._publish(message)
             return
         seen = state.published.setdefault(p.topic, set())
-        if index in seen or (p.topic == topics.QC and index in state.done):
+        if index in seen or (p.topic == topics.QC and index in state.gaps):
             self._duplicate()
             return
         seen.add(index)
@@ -799,7 +881,9 @@ class _Hub:
                 Result(p.topic, p.series, index, values=values), dict(message.timestamps)
             )
             state.view.on_qc(index, values)
-            self._finish(state, key, index)
+            if self.direct is None or index in state.passed:
+                state.passed.discard(index)
+                self._finish(state, key, index)
             self._publish(message)
             self._guide(message)
             self.log.info(
@@ -815,6 +899,13 @@ class _Hub:
             state.view.on_motion(index, p.values)
         self._publish(message)
         self._guide(message)
+
+    def _passed(self, state: _Series, key: Key, index: int) -> None:
+        """The chain's end has handled volume ``index`` (split pipelines only)."""
+        if index in state.published.get(topics.QC, ()):
+            self._finish(state, key, index)
+        elif index not in state.done:
+            state.passed.add(index)
 
     def _finish(self, state: _Series, key: Key, index: int) -> None:
         state.done.add(index)

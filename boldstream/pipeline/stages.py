@@ -66,6 +66,7 @@ __all__ = [
     "CHECKPOINT",
     "CORRECTED",
     "INTERNAL_PREFIX",
+    "PASSED",
     "SKIPPED",
     "MotionStage",
     "QCStage",
@@ -76,8 +77,12 @@ INTERNAL_PREFIX = "pipeline."
 CORRECTED = "pipeline.corrected"
 SKIPPED = "pipeline.skipped"
 CHECKPOINT = "pipeline.checkpoint"
+#: The chain's last stage has handled this volume (when it does not forward it).
+PASSED = "pipeline.passed"
 
 Key = tuple[str, str]
+#: How many ended series a stage remembers.
+_ENDED_KEPT = 1024
 
 
 class _Gate:
@@ -103,11 +108,28 @@ class _Gate:
                     break
                 # Never wait forever: the journal re-sends what a restart lost,
                 # so this only happens if something upstream is broken.
-                self.forced += 1
-                self.next = min(self.held)
+                out.extend(self._give_up(min(self.held)))
             out.append((self.held.pop(self.next), True))
             self.next += 1
         return out
+
+    def flush(self) -> list[tuple[Message, bool]]:
+        """Everything held, in index order, giving up on the holes before it."""
+        out: list[tuple[Message, bool]] = []
+        for index in sorted(self.held):
+            out.extend(self._give_up(index))
+            out.append((self.held.pop(index), True))
+            self.next = index + 1
+        return out
+
+    def _give_up(self, upto: int) -> list[tuple[Message, bool]]:
+        """Gap markers for the hole before ``upto`` (so the stages after do not wait)."""
+        self.forced += 1
+        series = self.held[upto].series
+        assert series is not None
+        gaps = [(Message(Gap(series, i, "series-end")), True) for i in range(self.next, upto)]
+        self.next = upto
+        return gaps
 
 
 def corrected_index(message: Message) -> int | None:
@@ -134,6 +156,8 @@ class _SeriesState:
     last_index: int | None = None
     #: Checkpoint after the current volume whatever ``checkpoint_every`` says.
     checkpoint_due: bool = False
+    #: The series' end, held while the gate waits for volumes a restart re-sends.
+    deferred_end: Message | None = None
 
 
 class _SeriesStage(Stage, abc.ABC):
@@ -152,8 +176,17 @@ class _SeriesStage(Stage, abc.ABC):
         self.store = None if checkpoint_dir is None else CheckpointStore(Path(checkpoint_dir), name)
         self.checkpoint_every = max(1, checkpoint_every)
         self.history = max(1, history)
-        self.counts = {"processed": 0, "repeats": 0, "failed": 0, "restored": 0, "series": 0}
+        self.counts = {
+            "processed": 0,
+            "repeats": 0,
+            "failed": 0,
+            "restored": 0,
+            "series": 0,
+            "after_end": 0,
+        }
         self._series: dict[Key, _SeriesState] = {}
+        #: Series this process has ended (a repeat of one is not a new series).
+        self._ended: OrderedDict[Key, None] = OrderedDict()
         self._parent: int | None = None
         self._parent_check = 0.0
         if (
@@ -192,6 +225,10 @@ class _SeriesStage(Stage, abc.ABC):
         """False while the series' state cannot be written yet (checkpoints wait)."""
         return True
 
+    def end_series(self, state: _SeriesState, message: Message) -> list[Message]:
+        """What to emit when the series ends, before its last checkpoint and its end."""
+        return []
+
     # -- the loop's calls -------------------------------------------------------
 
     def process(self, message: Message) -> Iterable[Message]:
@@ -204,19 +241,57 @@ class _SeriesStage(Stage, abc.ABC):
             self._state(series)
             return (message,)
         if isinstance(p, SeriesEnd):
-            state = self._series.pop(key, None)
-            out: list[Message] = []
-            if state is not None:
-                out.extend(self._checkpoint(state))
-            return [*out, message]
+            return self._end(key, message)
         index = self.gate_index(message)
         if index is None:
             return (message,)
         state = self._state(series)
-        out = []
+        if state is None:
+            self.counts["after_end"] += 1
+            return []
+        out: list[Message] = []
         for item, fresh in state.gate.offer(index, message):
             out.extend(self._guarded(state, item, fresh))
+        if state.deferred_end is not None and not state.gate.held:
+            out.extend(self._end(key, state.deferred_end))
         return out
+
+    def _end(self, key: Key, message: Message) -> list[Message]:
+        """End a series: its last emissions, its checkpoint, then the end itself.
+
+        After a restart downstream, the volumes queued before the crash (and
+        this end) can arrive before the journal re-sends the ones the crash
+        lost: while the gate holds volumes past such a hole, the end waits
+        for them. A second end (the journal's copy, which follows every
+        re-sent volume) while the hole is still open ends the series anyway.
+        """
+        state = self._series.get(key)
+        out: list[Message] = []
+        if state is not None and state.gate.held:
+            if state.deferred_end is None:
+                state.deferred_end = message
+                self.log.info(
+                    "series end waits for earlier volumes",
+                    series=state.info.series_uid,
+                    next=state.gate.next,
+                    held=len(state.gate.held),
+                )
+                return []
+            self.log.warning(
+                "series ends with volumes missing; handling those held",
+                series=state.info.series_uid,
+                next=state.gate.next,
+            )
+            for item, fresh in state.gate.flush():
+                out.extend(self._guarded(state, item, fresh))
+        self._series.pop(key, None)
+        self._ended[key] = None
+        while len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
+        if state is not None:
+            out.extend(self.end_series(state, message))
+            out.extend(self._checkpoint(state))
+        return [*out, message]
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "open_series": len(self._series)}
@@ -234,26 +309,40 @@ class _SeriesStage(Stage, abc.ABC):
 
     # -- internals ----------------------------------------------------------------
 
-    def _state(self, series: SeriesInfo) -> _SeriesState:
+    def _state(self, series: SeriesInfo) -> _SeriesState | None:
+        """The series' state: held, restored from its checkpoint, or new.
+
+        None for a series this process has ended and whose checkpoint is gone:
+        the pipeline has finished it, and what still comes of it is a repeat
+        re-sent after a restart (it must not start the series over).
+        """
         key = series_key(series)
         state = self._series.get(key)
         if state is not None:
             return state
+        ended_here = key in self._ended
         saved = None
         if self.store is not None:
             try:
                 saved = self.store.read(series)
+                if saved is not None:
+                    index, data, arrays = saved
+                    state = self.restore_state(series, index, data, arrays)
             except (OSError, ValueError, KeyError) as exc:
-                self.log.error(
-                    "checkpoint unreadable; series restarts from scratch",
-                    series=series.series_uid,
-                    error=str(exc),
-                )
-        if saved is not None:
-            index, data, arrays = saved
-            state = self.restore_state(series, index, data, arrays)
+                # A checkpoint being removed as the series is finished reads as broken.
+                if not ended_here:
+                    self.log.error(
+                        "checkpoint unreadable; series restarts from scratch",
+                        series=series.series_uid,
+                        error=str(exc),
+                    )
+                state = None
+        if state is not None:
+            assert saved is not None
             self.counts["restored"] += 1
-            self.log.info("series state restored", series=series.series_uid, volume=index)
+            self.log.info("series state restored", series=series.series_uid, volume=saved[0])
+        elif ended_here:
+            return None
         else:
             state = self.new_state(series)
         self.counts["series"] += 1

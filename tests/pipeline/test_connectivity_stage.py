@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,52 @@ def test_live_pipeline_publishes_targets(tmp_path: Path, ctx: zmq.Context[Any]) 
     assert isinstance(last, Result)
     assert last.values["status"] in topics.TARGET_STATUSES
     assert last.arrays[topics.TARGET_ARRAY_MAP].dtype == np.float32
+
+
+def test_qc_and_motion_do_not_wait_behind_the_registration(
+    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The technician's figures go from the QC stage straight to the hub."""
+    import boldstream.pipeline.connectivity_stage as module
+
+    real = module.register_to_template
+    release = threading.Event()
+    started = threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "register_to_template", held)
+    settings = pipeline_settings(tmp_path, "pipeline.mode='thread'", "target.every_s=20")
+    series = make_series("6.6.7")
+    n = 30
+    vols = volumes(n, series)
+    with Pipeline(settings, context=ctx) as pipeline:
+        sub = subscribe(ctx, pipeline)
+        for v in vols:
+            pipeline.submit(v)
+        pipeline.end_series(series, n_volumes=n)
+        got: list[Message] = []
+        # Every qc and motion result is out while the registration (after
+        # volume 9) still holds the connectivity stage.
+        while sum(m.topic == topics.QC for m in got) < n:
+            m = sub.recv(timeout_ms=30_000)
+            assert m is not None, [(m.topic, m.index) for m in got][-5:]
+            got.append(m)
+        assert started.is_set()
+        assert sorted(m.index for m in got if m.topic == topics.MOTION) == list(range(n))
+        assert not any(m.kind == "series-end" or m.topic == topics.TARGET for m in got)
+        # Not done while the connectivity stage has not handled the volumes.
+        assert not pipeline.drain(0.5)
+        release.set()
+        assert pipeline.drain(60)
+        got += collect(sub, ends=1)
+        sub.close()
+    assert [m.index for m in got if m.topic == topics.TARGET] == [19, 29]
+    end = next(i for i, m in enumerate(got) if m.kind == "series-end")
+    assert all(m.topic != topics.TARGET for m in got[end:])
 
 
 def test_replay_writes_the_target_json(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from pipeline_support import make_series, phantom, volumes
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
+from boldstream.pipeline.checkpoint import CheckpointStore
 from boldstream.pipeline.stages import CHECKPOINT, CORRECTED, SKIPPED, MotionStage, QCStage
 from boldstream.receiver.volume import Volume
 from boldstream.sinks import topics
@@ -184,3 +185,61 @@ def test_a_restarted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
                 assert got_q[i][key] == pytest.approx(value, rel=1e-9), (i, key)
             else:
                 assert got_q[i][key] == value, (i, key)
+
+
+def test_an_end_that_overtakes_resent_volumes_waits_for_them(tmp_path: Path) -> None:
+    """After a restart, volumes queued before the crash and the series' end can
+    arrive before the journal re-sends the ones the crash lost."""
+    series = make_series()
+    vols = volumes(20, series)
+    whole = by_topic(run_chain(MotionStage(), QCStage(), (Message(v) for v in vols)), topics.QC)
+    first_m = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    first_q = QCStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    run_chain(first_m, first_q, (Message(v) for v in vols[:12]))  # checkpoints at 4 and 9
+    again_m = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    again_q = QCStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    end = Message(SeriesEnd(series, ended=0.0, n_volumes=20))
+    stale = [*(Message(v) for v in vols[15:]), end]
+    out = run_chain(again_m, again_q, stale)
+    assert [m.kind for m in out if m.kind == "series-end"] == []  # it waits
+    out += run_chain(again_m, again_q, (Message(v) for v in vols[10:15]))
+    ends = [i for i, m in enumerate(out) if m.kind == "series-end"]
+    assert ends == [len(out) - 1]  # the end comes after every volume's results
+    got = by_topic(out, topics.QC)
+    assert sorted(got) == list(range(10, 20))
+    for i in range(10, 20):
+        assert got[i]["fd_mm"] == pytest.approx(whole[i]["fd_mm"], rel=1e-9)
+    # The journal's own copies then come too (repeats, then its end): restored
+    # from the end's checkpoint, they are repeats, and the end passes once more.
+    out = run_chain(again_m, again_q, [*(Message(v) for v in vols[10:]), end])
+    assert sorted(by_topic(out, topics.QC)) == list(range(10, 20))
+    assert out[-1].kind == "series-end"
+
+
+def test_a_second_end_stops_waiting_for_a_hole_that_never_fills() -> None:
+    series = make_series()
+    vols = volumes(10, series)
+    motion, qc = MotionStage(), QCStage()
+    run_chain(motion, qc, (Message(v) for v in vols[:4]))
+    end = Message(SeriesEnd(series, ended=0.0, n_volumes=10))
+    out = run_chain(motion, qc, [*(Message(v) for v in vols[6:]), end])
+    assert not any(m.kind == "series-end" for m in out)
+    out = run_chain(motion, qc, [end])
+    # The hole is reported as gaps, so the stages after motion do not wait on it.
+    assert [m.index for m in out if m.kind == "gap"] == [4, 5]
+    assert sorted(by_topic(out, topics.QC)) == [6, 7, 8, 9]
+    assert out[-1].kind == "series-end"
+    assert motion.stats()["open_series"] == qc.stats()["open_series"] == 0
+
+
+def test_repeats_of_a_series_this_stage_ended_and_let_go_are_dropped(tmp_path: Path) -> None:
+    series = make_series()
+    vols = volumes(6, series)
+    motion = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=100)
+    qc = QCStage(checkpoint_dir=tmp_path, checkpoint_every=100)
+    run_chain(motion, qc, [*(Message(v) for v in vols), Message(SeriesEnd(series, ended=0.0))])
+    CheckpointStore.forget(tmp_path, series)  # what the hub does once the series is out
+    out = run_chain(motion, qc, (Message(v) for v in vols[2:]))
+    assert out == []  # not a new series starting at volume 2
+    assert motion.counts["after_end"] == 4
+    assert motion.stats()["open_series"] == 0

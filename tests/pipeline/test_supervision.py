@@ -138,7 +138,9 @@ def test_a_killed_connectivity_stage_resumes_and_its_targets_are_those_of_an_unb
     assert health["hub"]["journal"] == 0  # nothing of the ended series is kept
     stages = {s["name"]: s for s in health["stages"]}
     assert stages["connectivity"]["restarts"] == 1
-    assert stages["connectivity"]["stage"]["restored"] == 1
+    # Resumed from its checkpoint (and, when the journal's copies of volumes
+    # it has already ended with come late, restored once more to repeat them).
+    assert stages["connectivity"]["stage"]["restored"] >= 1
     targets = [m for m in got if m.topic == topics.TARGET]
     assert [m.index for m in targets] == [19, 29, 39, 49, 59]
     for received, want in zip(targets, unbroken, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import zmq
 from boldstream.errors import StreamError
 from boldstream.receiver.volume import Volume
 from boldstream.stream.codec import recv, send
-from boldstream.stream.messages import EndOfStream, Message
+from boldstream.stream.messages import EndOfStream, Gap, Message, SeriesEnd
 from boldstream.stream.runner import Chain, StageThread, start_chain
 from boldstream.stream.stage import StageConfig
 
@@ -226,3 +227,35 @@ def test_process_factory_error_is_reported(ctx: Ctx) -> None:
         StageProcess(StageConfig(name="bad", factory="nope.nowhere:Stage"), context=ctx).start()
     with pytest.raises(StreamError, match="cannot cross a process boundary"):
         StageProcess(StageConfig(name="bad", pull="inproc://x"), context=ctx)
+
+
+def test_a_side_output_skips_the_rest_of_the_chain(ctx: Ctx, new_volume: NewVolume) -> None:
+    sink = ctx.socket(zmq.PULL)
+    sink.linger = 0
+    sink.bind("inproc://side-test-sink")
+    side = ctx.socket(zmq.PULL)
+    side.linger = 0
+    side.bind("inproc://side-test-side")
+    s1, s2, s3 = three_stages()
+    s2 = replace(s2, side="inproc://side-test-side", side_topics=("volume",))
+    chain = start_chain([s1, s2, s3], output="inproc://side-test-sink", mode="thread", context=ctx)
+    try:
+        source = source_for(ctx, chain)
+        vols = [new_volume(i, shape=(8, 8, 4)) for i in range(5)]
+        series = vols[0].series
+        for v in vols:
+            send(source, Message(v))
+        send(source, Message(Gap(series, 5, "timeout")))
+        send(source, Message(SeriesEnd(series, ended=0.0)))
+        # Volumes leave s2 on its side output, the gap goes down the chain,
+        # and the series' end goes both ways, each after what came before it.
+        assert [m.kind for m in receive(side, 6)] == ["volume"] * 5 + ["series-end"]
+        assert [m.kind for m in receive(sink, 2)] == ["gap", "series-end"]
+        assert not side.poll(100) and not sink.poll(0)
+        health = chain.health()
+        assert [h["received"] for h in health] == [7, 7, 2]
+        assert health[1]["sent"] == 8
+    finally:
+        chain.stop(timeout=5)
+        side.close()
+        sink.close()
