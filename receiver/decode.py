@@ -223,6 +223,7 @@ def _series_info(
         raise DicomInputError("instance has no SeriesInstanceUID: cannot tell its series")
     number = ds.get("SeriesNumber")
     tr = _as_float(tr_ms)
+    positions = _as_int(ds.get("NumberOfTemporalPositions"))
     return SeriesInfo(
         series_uid=series_uid,
         study_uid=str(ds.get("StudyInstanceUID", "")),
@@ -235,6 +236,7 @@ def _series_info(
         tr_s=tr / 1000.0 if tr is not None and tr > 0 else None,
         slice_timing=None,
         slices_per_volume=slices,
+        n_volumes=positions if positions is not None and positions > 1 else None,
     )
 
 

@@ -42,6 +42,9 @@ class SeriesInfo:
     slice_timing: tuple[float, ...] | None = None
     #: Distinct images per volume when the header states or implies it.
     slices_per_volume: int | None = None
+    #: Volumes in the series when the header states it (NumberOfTemporalPositions
+    #: above 1); the pipeline ends the series as soon as all of them are in.
+    n_volumes: int | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)

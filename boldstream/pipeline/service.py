@@ -132,6 +132,8 @@ class _Series:
     direct_ended: bool = False
     ended: bool = False
     end_sent: bool = False
+    #: A volume came after the end was sent (warned once).
+    after_end: bool = False
 
 
 class Pipeline:
@@ -732,6 +734,9 @@ class _Hub:
         if p.index in state.received:
             state.view.counts["duplicates"] += 1
         else:
+            if state.end_sent and not state.after_end:
+                state.after_end = True
+                self._after_end(state, message, p.index)
             state.received.add(p.index)
             if isinstance(p, Volume):
                 state.view.counts["received"] += 1
@@ -748,6 +753,34 @@ class _Hub:
                 state.view.counts["missing"] += 1
                 self._publish(message)
         self._dispatch(self.order.process(message))
+        self._end_if_complete(state)
+
+    def _end_if_complete(self, state: _Series) -> None:
+        """End a series whose header stated its volume count once all are in."""
+        n = state.info.n_volumes
+        if n is None or state.end_sent or len(state.received) < n:
+            return
+        if any(i not in state.received for i in range(n)):
+            return
+        state.end_sent = True
+        self.log.info("series complete", series=state.info.series_uid, volumes=n)
+        end = SeriesEnd(state.info, ended=time.time(), n_volumes=n, reason="complete")
+        self._dispatch(self.order.process(Message(end)))
+
+    def _after_end(self, state: _Series, message: Message, index: int) -> None:
+        """A volume of a series already ended: stored by the receiver, not analysed."""
+        text = (
+            f"volume {index} arrived after the series ended; it is stored but not "
+            "analysed (the series stated fewer volumes, or sent none for "
+            f"pipeline.series_idle_s = {self.idle_s:g} s)"
+        )
+        self.log.warning(
+            "volume after the series ended", series=state.info.series_uid, volume=index
+        )
+        state.view.counts["warnings"] += 1
+        self._publish(
+            message.derive(topics.warning_result(state.info, index, text, code="after-series-end"))
+        )
 
     def _dispatch(self, messages: Any) -> None:
         """Send what the orderer released into the chain, journaling it first."""

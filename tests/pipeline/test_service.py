@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,40 @@ def test_two_series_publish_the_contract_once_each(tmp_path: Path, ctx: zmq.Cont
         assert s["state"] == "running"
         assert s["lag_s"] is not None and s["last_series"] is not None
     assert health["hub"]["duplicates_dropped"] == 0
+
+
+def test_a_series_that_states_its_length_ends_when_all_are_in(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    series = replace(make_series("1.2.3.30"), n_volumes=6)
+    vols = volumes(7, series)
+    incomplete = VolumeIncomplete(
+        series=series,
+        index=4,
+        slices_received=3,
+        slices_expected=24,
+        first_received=vols[4].first_received,
+        reported=vols[4].assembled,
+    )
+    # No end_series() and an idle time far beyond the test: the count ends it.
+    settings = pipeline_settings(tmp_path, "pipeline.series_idle_s=3600")
+    with Pipeline(settings, mode="thread") as pipeline:
+        sub = subscribe(ctx, pipeline)
+        for event in [*vols[:4], vols[5], incomplete]:
+            pipeline.submit(event)
+        got = collect(sub, ends=1)
+        pipeline.submit(vols[6])  # more than the header said
+        assert pipeline.drain(10)
+        while (m := sub.recv(timeout_ms=1000)) is not None:
+            got.append(m)
+        sub.close()
+    end = next(m for m in got if m.kind == "series-end")
+    assert end.payload.n_volumes == 6 and end.payload.reason == "complete"  # type: ignore[union-attr]
+    assert _keyed(got, series.series_uid, topics.QC) == [0, 1, 2, 3, 5]
+    assert _keyed(got, series.series_uid, topics.GAP) == [4]
+    late = [m for m in got if m.topic == topics.WARNING]
+    assert [(m.index, m.payload.values["code"]) for m in late] == [(6, "after-series-end")]  # type: ignore[union-attr]
+    assert 6 not in _keyed(got, series.series_uid, topics.QC)
 
 
 def test_snapshot_answers_late_joiners_over_req_and_dealer(

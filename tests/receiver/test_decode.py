@@ -242,6 +242,15 @@ def test_philips_images_in_acquisition_counts_all_dynamics(builders: ModuleType)
     assert _decode_one(ds).expected_slices == 30
 
 
+def test_the_stated_number_of_volumes_is_kept(builders: ModuleType) -> None:
+    ds = _one_slice(builders, temporal=(100, 6), acquisition_number=1, manufacturer="Philips")
+    assert _decode_one(ds).series.n_volumes == 100
+    # One temporal position says nothing about an fMRI run; none is unknown.
+    ds = _one_slice(builders, temporal=(1, 1), images_in_acquisition=5)
+    assert _decode_one(ds).series.n_volumes is None
+    assert _decode_one(_one_slice(builders, images_in_acquisition=5)).series.n_volumes is None
+
+
 def test_rescale_and_tr_of_a_slice(builders: ModuleType) -> None:
     ds = _one_slice(builders, images_in_acquisition=5, rescale=(2.5, -10.0), tr_ms=800.0)
     fragment = _decode_one(ds)
