@@ -14,7 +14,7 @@ from pipeline_support import collect, make_series, pipeline_settings, subscribe,
 
 from boldstream.pipeline.service import Pipeline
 from boldstream.pipeline.snapshot import request_snapshot
-from boldstream.receiver.volume import VolumeIncomplete
+from boldstream.receiver.volume import Volume, VolumeIncomplete
 from boldstream.sinks import topics
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,17 +24,22 @@ def _keyed(messages: list[Any], uid: str, topic: str) -> list[int]:
     return [m.index for m in messages if m.topic == topic and m.series.series_uid == uid]
 
 
+def gave_up(volume: Volume) -> VolumeIncomplete:
+    """What the receiver sends instead of ``volume`` when its slices never all come."""
+    return VolumeIncomplete(
+        series=volume.series,
+        index=volume.index,
+        slices_received=10,
+        slices_expected=24,
+        first_received=volume.first_received,
+        reported=volume.assembled,
+    )
+
+
 def test_two_series_publish_the_contract_once_each(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
     a, b = make_series("1.2.3.10"), make_series("1.2.3.20", session_key="sess-b")
     va, vb = volumes(12, a), volumes(12, b, seed=1)
-    incomplete = VolumeIncomplete(
-        series=a,
-        index=5,
-        slices_received=10,
-        slices_expected=24,
-        first_received=va[5].first_received,
-        reported=va[5].assembled,
-    )
+    incomplete = gave_up(va[5])
     # A: volume 5 never completes, 7 arrives before 6, 2 arrives twice.
     order_a = [*va[:5], incomplete, va[7], va[6], va[2], *va[8:]]
     with Pipeline(pipeline_settings(tmp_path), mode="thread") as pipeline:
@@ -101,14 +106,7 @@ def test_a_series_that_states_its_length_ends_when_all_are_in(
 ) -> None:
     series = replace(make_series("1.2.3.30"), n_volumes=6)
     vols = volumes(7, series)
-    incomplete = VolumeIncomplete(
-        series=series,
-        index=4,
-        slices_received=3,
-        slices_expected=24,
-        first_received=vols[4].first_received,
-        reported=vols[4].assembled,
-    )
+    incomplete = gave_up(vols[4])
     # No end_series() and an idle time far beyond the test: the count ends it.
     settings = pipeline_settings(tmp_path, "pipeline.series_idle_s=3600")
     with Pipeline(settings, mode="thread") as pipeline:
