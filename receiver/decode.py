@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "decode_instance",
     "dicom_time_to_seconds",
     "session_key",
+    "siemens_repetitions",
 ]
 
 ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -216,7 +218,12 @@ def dicom_time_to_seconds(value: object) -> float | None:
 
 
 def _series_info(
-    ds: pydicom.Dataset, *, encoding: str, tr_ms: object, slices: int | None
+    ds: pydicom.Dataset,
+    *,
+    encoding: str,
+    tr_ms: object,
+    slices: int | None,
+    n_volumes: int | None = None,
 ) -> SeriesInfo:
     series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
     if not series_uid:
@@ -224,6 +231,8 @@ def _series_info(
     number = ds.get("SeriesNumber")
     tr = _as_float(tr_ms)
     positions = _as_int(ds.get("NumberOfTemporalPositions"))
+    if positions is not None and positions > 1:
+        n_volumes = positions
     return SeriesInfo(
         series_uid=series_uid,
         study_uid=str(ds.get("StudyInstanceUID", "")),
@@ -236,8 +245,35 @@ def _series_info(
         tr_s=tr / 1000.0 if tr is not None and tr > 0 else None,
         slice_timing=None,
         slices_per_volume=slices,
-        n_volumes=positions if positions is not None and positions > 1 else None,
+        n_volumes=n_volumes if n_volumes is not None and n_volumes > 1 else None,
     )
+
+
+#: The series CSA header's element in the "SIEMENS CSA HEADER" private block.
+_CSA_SERIES_ELEMENT = 0x20
+_REPETITIONS = re.compile(rb"\nlRepetitions\s*=\s*(\d+)")
+
+
+def siemens_repetitions(ds: pydicom.Dataset) -> int | None:
+    """Volumes a Siemens series will have, from its protocol, when it says.
+
+    The series CSA header (0029,1020) carries the protocol as text
+    (``MrPhoenixProtocol``, its ``### ASCCONV BEGIN ###`` block): the run has
+    ``lRepetitions + 1`` volumes; no ``lRepetitions`` line means one volume
+    (Siemens leaves out zero values) and is reported as unknown here. A
+    substring search first: the header is ~80 kB and this runs per mosaic.
+    """
+    try:
+        raw = ds.private_block(0x0029, "SIEMENS CSA HEADER")[_CSA_SERIES_ELEMENT].value
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(raw, bytes):
+        return None
+    start = raw.find(b"\nlRepetitions")
+    if start < 0:
+        return None
+    match = _REPETITIONS.match(raw, start)
+    return int(match.group(1)) + 1 if match else None
 
 
 def _as_float(value: object) -> float | None:
@@ -502,7 +538,13 @@ def _decode_mosaic(ds: pydicom.Dataset) -> Fragment:
     number = _as_int(ds.get("InstanceNumber")) or _as_int(ds.get("AcquisitionNumber"))
     if number is None or number < 1:
         raise DicomInputError(f"{where}: InstanceNumber missing: cannot order the volumes")
-    info = _series_info(ds, encoding="mosaic", tr_ms=ds.get("RepetitionTime"), slices=n_tiles)
+    info = _series_info(
+        ds,
+        encoding="mosaic",
+        tr_ms=ds.get("RepetitionTime"),
+        slices=n_tiles,
+        n_volumes=siemens_repetitions(ds),
+    )
     return Fragment(
         series=info,
         # InstanceNumber, not AcquisitionNumber: both count volumes in fMRI, but

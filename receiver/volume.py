@@ -43,7 +43,8 @@ class SeriesInfo:
     #: Distinct images per volume when the header states or implies it.
     slices_per_volume: int | None = None
     #: Volumes in the series when the header states it (NumberOfTemporalPositions
-    #: above 1); the pipeline ends the series as soon as all of them are in.
+    #: above 1, or a Siemens protocol's lRepetitions + 1); the pipeline ends the
+    #: series as soon as all of them are in.
     n_volumes: int | None = None
 
 

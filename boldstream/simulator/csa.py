@@ -12,11 +12,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 
-__all__ = ["CSA_CREATOR", "CSA_IMAGE_TAG", "csa2_header"]
+__all__ = ["CSA_CREATOR", "CSA_IMAGE_TAG", "CSA_SERIES_TAG", "csa2_header", "phoenix_protocol"]
 
 #: Private creator and element of the CSA image header in group 0x0029.
 CSA_CREATOR = "SIEMENS CSA HEADER"
 CSA_IMAGE_TAG = 0x10  # (0029,1010) with creator block 0x10
+#: The CSA series header, (0029,1020): the protocol (``MrPhoenixProtocol``).
+CSA_SERIES_TAG = 0x20
 
 _SYNGODT = {"IS": 6, "FD": 4, "DS": 3, "SH": 22, "LO": 19, "ST": 20, "UL": 9, "US": 10}
 
@@ -51,3 +53,17 @@ def csa2_header(tags: Mapping[str, tuple[str, Sequence[object]]]) -> bytes:
         )
         out.extend(_item(t) for t in texts)
     return b"".join(out)
+
+
+def phoenix_protocol(*, n_volumes: int, tr_us: int) -> str:
+    """The ``MrPhoenixProtocol`` text of a run: its ASCCONV block, the part readers use.
+
+    Siemens writes ``lRepetitions`` as volumes minus one and leaves out
+    values that are zero (a single-volume run has no such line).
+    """
+    lines = ["### ASCCONV BEGIN ###", "ulVersion                                = 0x14b44b6"]
+    if n_volumes > 1:
+        lines.append(f"lRepetitions                             = {n_volumes - 1}")
+    lines.append(f"alTR[0]                                  = {tr_us}")
+    lines.append("### ASCCONV END ###")
+    return "\n".join(lines) + "\n"

@@ -26,7 +26,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-from boldstream.simulator.csa import CSA_CREATOR, CSA_IMAGE_TAG, csa2_header
+from boldstream.simulator.csa import (
+    CSA_CREATOR,
+    CSA_IMAGE_TAG,
+    CSA_SERIES_TAG,
+    csa2_header,
+    phoenix_protocol,
+)
 from boldstream.simulator.phantom import SimulatorError
 
 __all__ = [
@@ -260,6 +266,18 @@ def _mosaic_dataset(
                 "SliceNormalVector": ("FD", [float(v) for v in normal]),
                 "MosaicRefAcqTimes": ("FD", [float(v) * 1000.0 for v in times]),
                 "AcquisitionMatrixText": ("SH", [f"{rows}p*{cols}"]),
+            }
+        ),
+    )
+    block.add_new(
+        CSA_SERIES_TAG,
+        "OB",
+        csa2_header(
+            {
+                "MrPhoenixProtocol": (
+                    "UN",
+                    [phoenix_protocol(n_volumes=spec.n_volumes, tr_us=round(spec.tr_s * 1e6))],
+                )
             }
         ),
     )

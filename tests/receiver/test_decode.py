@@ -50,6 +50,8 @@ def test_mosaic_tiles_timing_and_series_facts(mosaic_path: Path) -> None:
     assert fragment.slice_times.max() < 3.0  # inside one TR
     info = fragment.series
     assert info.encoding == "mosaic" and info.tr_s == 3.0 and info.slices_per_volume == 35
+    # Its protocol (series CSA header) says lRepetitions = 1: a run of two volumes.
+    assert info.n_volumes == 2
     assert info.session_key == session_key(ds.SeriesInstanceUID)
     assert len(info.session_key) == 12 and int(info.session_key, 16) >= 0
     identifiers = [str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate")]
@@ -68,6 +70,8 @@ def test_consecutive_mosaics_get_consecutive_indices(b0dwi_paths: list[Path]) ->
     assert len({f.series.series_uid for f in fragments}) == 1
     assert all(f.n_slices == 81 and f.matrix == (152, 150) for f in fragments)
     assert fragments[0].series.tr_s == pytest.approx(4.15)
+    # A diffusion protocol has no lRepetitions: the run length is not stated.
+    assert fragments[0].series.n_volumes is None
 
 
 def test_nibabel_mosaics_of_one_series(nibabel_data: Path, builders: ModuleType) -> None:
