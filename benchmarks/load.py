@@ -2,8 +2,10 @@
 
 Each simulated scanner is a process of its own with one DICOM association; it
 sends ``--series`` per-slice series one after the other (each gets an equal
-share of ``--minutes``), releasing volume ``t`` at ``t * TR / pace`` after the
-series start and sending as fast as the receiver answers when it is behind.
+share of ``--minutes``; or, with ``--volumes N``, each is a run of N volumes,
+stated in its header, and the next starts when it is done), releasing volume
+``t`` at ``t * TR / pace`` after the series start and sending as fast as the
+receiver answers when it is behind.
 It stops at a volume boundary when the time is up, so every volume it counts
 as sent had all of its slices acknowledged (status 0x0000).
 
@@ -29,6 +31,7 @@ in turn with fresh UIDs, instance numbers and times.
     python benchmarks/load.py                      # 4 x 2 series, 90x90x60, 10x, 10 min
     python benchmarks/load.py --minutes 2 --pace 1
     python benchmarks/load.py --minutes 0.5 --shape 40x40x24 --json out.json
+    python benchmarks/load.py --volumes 150        # runs of a stated length, back to back
 """
 
 from __future__ import annotations
@@ -105,7 +108,17 @@ def scanner(job: dict[str, Any], results: Any) -> None:
     current: dict[str, Any] | None = None
     try:
         for s in range(job["series"]):
-            n_planned = int(slot * pace / tr) + 1
+            if job["volumes"]:
+                # A run of a stated length (NumberOfTemporalPositions): the
+                # pipeline ends it when its last volume is in; the next one
+                # starts then. All of them share --minutes.
+                n_planned = job["volumes"]
+                begin = max(time.time(), start_all)
+                end = start_all + job["duration_s"]
+            else:
+                n_planned = int(slot * pace / tr) + 1
+                begin = max(time.time(), start_all + s * slot)
+                end = start_all + (s + 1) * slot
             # Short UIDs: instance UIDs append ".volume.slice" and must stay <= 64 characters.
             tag = f"{job['index'] + 1}{s + 1}{time.time_ns() % 10**12}"
             spec = SeriesSpec(
@@ -119,8 +132,6 @@ def scanner(job: dict[str, Any], results: Any) -> None:
                 encode_volume(run.volume(t), run.vox2ras, spec, t, encoding="slice")
                 for t in range(k_templates)
             ]
-            begin = max(time.time(), start_all + s * slot)
-            end = start_all + (s + 1) * slot
             sent_instances, sent_volumes, failed = 0, 0, 0
             lag = 0.0
             t = 0
@@ -236,6 +247,8 @@ class Counting(threading.Thread):
         #: (arrival time, latency ms) of each qc result; arrival times of targets.
         self.qc_arrivals: list[tuple[float, float]] = []
         self.target_arrivals: list[float] = []
+        #: Why each series ended (``series-end``'s reason), in arrival order.
+        self.end_reasons: list[str] = []
         self.last_qc = 0.0
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -249,6 +262,8 @@ class Counting(threading.Thread):
                 self.counts[(m.topic, m.series.series_uid)] += 1
                 if m.topic == topics.TARGET:
                     self.target_arrivals.append(time.time())
+                if m.kind == "series-end":
+                    self.end_reasons.append(str(getattr(m.payload, "reason", "")))
                 if m.topic == topics.QC:
                     self.last_qc = time.time()
                     value = m.payload.values.get(topics.QC_LATENCY_MS)
@@ -345,6 +360,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "tr_s": args.tr,
             "pace": args.pace,
             "series": args.series,
+            "volumes": args.volumes,
             "templates": args.templates,
             "start": start,
             "duration_s": duration_s,
@@ -402,6 +418,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scanners": args.scanners,
         "series_per_scanner": args.series,
+        "volumes_per_series": args.volumes or None,
+        # Series ended while the run went on, by reason (complete: all stated volumes in).
+        "series_ended": dict(Counter(counting.end_reasons)),
         "shape": "x".join(map(str, shape)),
         "tr_s": args.tr,
         "pace": args.pace,
@@ -453,6 +472,14 @@ def main() -> int:
     ap.add_argument("--voxel-mm", type=float, default=2.4)
     ap.add_argument("--tr", type=float, default=0.8, help="repetition time (s)")
     ap.add_argument("--templates", type=int, default=8, help="distinct volumes per sender")
+    ap.add_argument(
+        "--volumes",
+        type=int,
+        default=0,
+        help="volumes per series, stated in its header (the pipeline ends a series "
+        "when all are in); 0: each series gets an equal share of --minutes and "
+        "ends by the idle time",
+    )
     ap.add_argument("--drain-s", type=float, default=300.0, help="wait for results at most")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     args = ap.parse_args()
@@ -461,9 +488,10 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=2))
     print(machine_line())
+    length = f" of {r['volumes_per_series']} volumes" if r["volumes_per_series"] else ""
     print(
-        f"{r['scanners']} scanners x {r['series_per_scanner']} per-slice {r['shape']} series, "
-        f"TR {r['tr_s']} s at {r['pace']:g}x real time, {r['minutes']:g} min"
+        f"{r['scanners']} scanners x {r['series_per_scanner']} per-slice {r['shape']} "
+        f"series{length}, TR {r['tr_s']} s at {r['pace']:g}x real time, {r['minutes']:g} min"
     )
     headers = [
         "pace",
@@ -504,6 +532,8 @@ def main() -> int:
         f"{r['instances_failed']}, subscriber drops {r['subscriber_dropped']}, results complete "
         f"{r['drained_after_s']:.1f} s after the last send"
     )
+    ended = ", ".join(f"{n} {why or '?'}" for why, n in sorted(r["series_ended"].items()))
+    print(f"series ended during the run: {ended or 'none'}")
     slow = r["slow_qc"]
     print(
         f"qc results slower than one TR ({r['tr_s']:g} s): {slow['over_tr']:.0f}, "

@@ -1,9 +1,11 @@
-"""A short load run: 4 scanners at once, 2 small per-slice series each, ~30 s.
+"""A short load run: 4 scanners at once, 2 small per-slice series each, ~25 s.
 
 Runs ``benchmarks/load.py`` as a process (its own receiver + pipeline in
 process mode, four sender processes with one association each, loopback):
 every volume the senders had acknowledged must come out as a ``qc`` result
 (zero lost), with bounded latency and no drops at the counting subscriber.
+Each series states its length in its header, so each ends as soon as its
+last volume is in (not after the idle time).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def test_four_scanners_two_series_each_lose_nothing(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     argv = [
         sys.executable, str(SCRIPT),
-        "--scanners", "4", "--series", "2", "--minutes", "0.5",
+        "--scanners", "4", "--series", "2", "--volumes", "15", "--minutes", "0.75",
         "--shape", "40x40x24", "--voxel-mm", "4.5", "--tr", "0.8", "--pace", "1",
         "--drain-s", "60", "--json", str(out),
     ]  # fmt: skip
@@ -33,9 +35,11 @@ def test_four_scanners_two_series_each_lose_nothing(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert r["errors"] == [], r["errors"]
     assert proc.returncode == 0, proc.stdout[-2000:]
-    # Four associations at 4 x 24 / 0.8 = 120 instances/s for 30 s: most of the
-    # planned volumes go out (the last ones of a slot may be cut at its end).
-    assert r["volumes_sent"] >= 0.8 * r["volumes_planned"] > 0
+    # Four associations at 4 x 24 / 0.8 = 120 instances/s, 2 x 15 volumes each
+    # (24 s of sending at this pace; the run stops sending at 45 s).
+    assert r["volumes_sent"] == r["volumes_planned"] == 4 * 2 * 15
+    # Every series ended by its stated count, while the run went on.
+    assert r["series_ended"] == {"complete": 8}
     assert r["instances_failed"] == 0
     assert r["volumes_received"] == r["volumes_sent"]
     assert r["volumes_processed"] == r["volumes_sent"]
