@@ -4,7 +4,9 @@
 - :mod:`~boldstream.pipeline.checkpoint`: their per-series checkpoints;
 - :mod:`~boldstream.pipeline.service`: :class:`Pipeline`, which runs the
   stages as threads or supervised processes, publishes results and answers
-  snapshot requests.
+  snapshot requests;
+- :mod:`~boldstream.pipeline.hub`: the pipeline's hub thread (ordering,
+  journal, publishing, snapshots).
 """
 
 from __future__ import annotations
