@@ -1,6 +1,8 @@
 """The real-time pipeline: receiver -> reorder -> motion -> QC -> result stream.
 
 - :mod:`~boldstream.pipeline.stages`: the motion and QC stages;
+- :mod:`~boldstream.pipeline.series_stage`: what every analysis stage shares
+  (per-series state, in-order gate, failure isolation, checkpoints);
 - :mod:`~boldstream.pipeline.checkpoint`: their per-series checkpoints;
 - :mod:`~boldstream.pipeline.service`: :class:`Pipeline`, which runs the
   stages as threads or supervised processes, publishes results and answers
@@ -11,15 +13,14 @@
 
 from __future__ import annotations
 
-from boldstream.pipeline.stages import (
+from boldstream.pipeline.series_stage import (
     CHECKPOINT,
     CORRECTED,
     INTERNAL_PREFIX,
     PASSED,
     SKIPPED,
-    MotionStage,
-    QCStage,
 )
+from boldstream.pipeline.stages import MotionStage, QCStage
 
 __all__ = [
     "CHECKPOINT",

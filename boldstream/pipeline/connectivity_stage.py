@@ -72,15 +72,15 @@ from boldstream.analysis.rois import TemplateRois, template_rois
 from boldstream.analysis.target import TargetRules, TargetTracker
 from boldstream.config.settings import Settings
 from boldstream.errors import AnalysisError
-from boldstream.pipeline.stages import (
+from boldstream.pipeline.series_stage import (
     CORRECTED,
     PASSED,
     SKIPPED,
-    _Gate,
-    _history_from,
-    _SeriesStage,
-    _SeriesState,
+    Gate,
+    SeriesStage,
+    SeriesState,
     corrected_index,
+    history_from,
 )
 from boldstream.receiver.volume import SeriesInfo
 from boldstream.sinks import topics
@@ -101,7 +101,7 @@ def _prefixed(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 @dataclass(eq=False)
-class _ConnSeries(_SeriesState):
+class _ConnSeries(SeriesState):
     tr_s: float = 2.0
     #: (index, volume, params, usable) held until the registration.
     pending: list[tuple[int, npt.NDArray[np.float32], list[float], bool]] = field(
@@ -117,7 +117,7 @@ class _ConnSeries(_SeriesState):
     restored: bool = False
 
 
-class ConnectivityStage(_SeriesStage):
+class ConnectivityStage(SeriesStage):
     """Per-series seed connectivity and target; see the module docstring."""
 
     def __init__(
@@ -174,17 +174,17 @@ class ConnectivityStage(_SeriesStage):
     def gate_index(self, message: Message) -> int | None:
         return corrected_index(message)
 
-    def new_state(self, series: SeriesInfo) -> _SeriesState:
+    def new_state(self, series: SeriesInfo) -> SeriesState:
         tr = series.tr_s if series.tr_s is not None and series.tr_s > 0 else self.default_tr_s
-        return _ConnSeries(info=series, gate=_Gate(), tr_s=float(tr))
+        return _ConnSeries(info=series, gate=Gate(), tr_s=float(tr))
 
     def restore_state(
         self, series: SeriesInfo, index: int, state: dict[str, Any], arrays: dict[str, Any]
-    ) -> _SeriesState:
+    ) -> SeriesState:
         out = _ConnSeries(
             info=series,
-            gate=_Gate(int(state["next"])),
-            history=_history_from(state["history"]),
+            gate=Gate(int(state["next"])),
+            history=history_from(state["history"]),
             last_index=index,
             tr_s=float(state["tr_s"]),
             failed=state["failed"],
@@ -240,7 +240,7 @@ class ConnectivityStage(_SeriesStage):
             raise ValueError(str(exc)) from exc
         return conn
 
-    def checkpoint_state(self, state: _SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
+    def checkpoint_state(self, state: SeriesState) -> tuple[dict[str, Any], dict[str, Any]]:
         assert isinstance(state, _ConnSeries)
         data: dict[str, Any] = {
             "tr_s": state.tr_s,
@@ -263,7 +263,7 @@ class ConnectivityStage(_SeriesStage):
             arrays["target_vox2ras"] = last.affines[topics.TARGET_AFFINE]
         return data, arrays
 
-    def can_checkpoint(self, state: _SeriesState) -> bool:
+    def can_checkpoint(self, state: SeriesState) -> bool:
         # Volumes held for the registration are not part of the state.
         return not (isinstance(state, _ConnSeries) and state.pending)
 
@@ -278,14 +278,14 @@ class ConnectivityStage(_SeriesStage):
                 # start at this volume.
                 state = self._state(series)
                 if state is not None and state.last_index is None:
-                    state.gate = _Gate(p.index)
+                    state.gate = Gate(p.index)
         return list(super().process(message))
 
-    def end_series(self, state: _SeriesState, message: Message) -> list[Message]:
+    def end_series(self, state: SeriesState, message: Message) -> list[Message]:
         assert isinstance(state, _ConnSeries)
         return self._final_target(state, message)
 
-    def handle(self, state: _SeriesState, message: Message, fresh: bool) -> list[Message]:
+    def handle(self, state: SeriesState, message: Message, fresh: bool) -> list[Message]:
         assert isinstance(state, _ConnSeries)
         p = message.payload
         if isinstance(p, Gap):

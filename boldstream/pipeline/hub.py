@@ -30,14 +30,14 @@ from boldstream.errors import StreamError
 from boldstream.pipeline.checkpoint import CheckpointStore
 from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
 from boldstream.pipeline.journal import Journal
-from boldstream.pipeline.snapshot import SeriesView, Snapshot
-from boldstream.pipeline.stages import (
+from boldstream.pipeline.series_stage import (
     CHECKPOINT,
     CORRECTED,
     INTERNAL_PREFIX,
     PASSED,
     SKIPPED,
 )
+from boldstream.pipeline.snapshot import SeriesView, Snapshot
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
 from boldstream.sinks import topics
 from boldstream.stream.codec import MessageError, decode, encode

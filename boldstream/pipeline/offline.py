@@ -30,7 +30,8 @@ from boldstream.config.settings import Settings
 from boldstream.errors import BoldstreamError, DicomInputError
 from boldstream.pipeline.connectivity_stage import ConnectivityStage, connectivity_options
 from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
-from boldstream.pipeline.stages import SKIPPED, MotionStage, QCStage, stage_options
+from boldstream.pipeline.series_stage import SKIPPED
+from boldstream.pipeline.stages import MotionStage, QCStage, stage_options
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import decode_instance
 from boldstream.receiver.selector import SeriesSelector

@@ -64,10 +64,8 @@ from boldstream.errors import StreamError
 from boldstream.logs import get_logger
 from boldstream.pipeline.connectivity_stage import connectivity_options
 from boldstream.pipeline.hub import Consumer, Hub
-from boldstream.pipeline.stages import (
-    CHECKPOINT,
-    stage_options,
-)
+from boldstream.pipeline.series_stage import CHECKPOINT
+from boldstream.pipeline.stages import stage_options
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
 from boldstream.sinks import topics
 from boldstream.stream.codec import encode

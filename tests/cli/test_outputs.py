@@ -25,8 +25,8 @@ from boldstream.config import load_settings
 from boldstream.config.settings import OutputsSettings, PacsSettings
 from boldstream.errors import StreamError
 from boldstream.outputs import FilesOutput, PacsExport, outputs_dir, source_study
+from boldstream.pipeline.series_stage import CORRECTED
 from boldstream.pipeline.service import Pipeline
-from boldstream.pipeline.stages import CORRECTED
 from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.sinks import topics

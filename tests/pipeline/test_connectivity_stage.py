@@ -37,8 +37,9 @@ from boldstream.cli import main as cli_main
 from boldstream.config import load_settings
 from boldstream.pipeline.connectivity_stage import ConnectivityStage
 from boldstream.pipeline.offline import nifti_volumes, replay
+from boldstream.pipeline.series_stage import CORRECTED
 from boldstream.pipeline.service import Pipeline
-from boldstream.pipeline.stages import CORRECTED, MotionStage, QCStage
+from boldstream.pipeline.stages import MotionStage, QCStage
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.sinks import topics
 from boldstream.stream.messages import Message, Result, SeriesEnd, series_key

@@ -11,7 +11,8 @@ from pipeline_support import make_series, phantom, volumes
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
 from boldstream.pipeline.checkpoint import CheckpointStore
-from boldstream.pipeline.stages import CHECKPOINT, CORRECTED, SKIPPED, MotionStage, QCStage
+from boldstream.pipeline.series_stage import CHECKPOINT, CORRECTED, SKIPPED
+from boldstream.pipeline.stages import MotionStage, QCStage
 from boldstream.receiver.volume import Volume
 from boldstream.sinks import topics
 from boldstream.stream.messages import Gap, Message, SeriesEnd
