@@ -39,6 +39,7 @@ from load import rss_mb
 from pipeline_e2e import as_volume, series_info
 
 from boldstream.pipeline.connectivity_stage import ConnectivityStage
+from boldstream.pipeline.offline import through
 from boldstream.pipeline.stages import MotionStage, QCStage
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.stream.messages import Message, SeriesEnd
@@ -80,11 +81,6 @@ def main() -> int:
         ConnectivityStage(every_s=30.0, checkpoint_dir=checkpoints),
     ]
 
-    def push(message: Message) -> None:
-        batch = [message]
-        for stage in stages:
-            batch = [out for item in batch for out in stage.process(item)]
-
     tracemalloc.start()
     base_traced, base_rss = traced_mb(), rss_mb(os.getpid())
     rows = []
@@ -94,11 +90,11 @@ def main() -> int:
         peak_rss = 0.0
         for t in range(args.volumes):
             for s in series:
-                push(Message(as_volume(arrays[t], vox2ras, s, t)))
+                through(stages, Message(as_volume(arrays[t], vox2ras, s, t)))
             peak_rss = max(peak_rss, rss_mb(os.getpid()))
         open_traced = traced_mb()
         for s in series:
-            push(Message(SeriesEnd(s, ended=time.time())))
+            through(stages, Message(SeriesEnd(s, ended=time.time())))
         rows.append(
             [
                 str(r + 1),

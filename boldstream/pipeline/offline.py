@@ -16,7 +16,7 @@ volume) goes into it, so a replay writes the very files ``serve`` writes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ __all__ = [
     "dicom_volumes",
     "nifti_volumes",
     "replay",
+    "through",
 ]
 
 Event = Volume | VolumeIncomplete
@@ -193,8 +194,8 @@ def dicom_volumes(folder: Path, settings: Settings) -> Iterator[Event]:
     yield from assembler.expire(time.time() + 1e6)
 
 
-def _through(stages: list[Any], message: Message) -> list[Message]:
-    """``message`` through each stage in turn (QC, then connectivity when on)."""
+def through(stages: Sequence[Any], message: Message) -> list[Message]:
+    """``message`` through each stage in turn, in this thread, as the pipeline chains them."""
     batch = [message]
     for stage in stages:
         batch = [out for item in batch for out in stage.process(item)]
@@ -236,7 +237,7 @@ def replay(
         if isinstance(message.payload, Volume):
             entry.volumes += 1
         for m in motion.process(message):
-            for r in _through(chain, m):
+            for r in through(chain, m):
                 payload = r.payload
                 if isinstance(payload, Result) and payload.index is not None:
                     if payload.topic == topics.QC:

@@ -14,6 +14,7 @@ import numpy as np
 import zmq
 
 from boldstream.config import Settings, load_settings
+from boldstream.pipeline.offline import through
 from boldstream.pipeline.service import Pipeline
 from boldstream.receiver.volume import SeriesInfo, Volume
 from boldstream.simulator.phantom import PhantomRun, make_phantom_run
@@ -153,10 +154,4 @@ def assert_same_target(got: Message, want: Message) -> None:
 
 def chain(stages: list[Any], messages: list[Message]) -> list[Message]:
     """``messages`` through ``stages`` in this thread, as the pipeline chains them."""
-    out: list[Message] = []
-    for message in messages:
-        batch = [message]
-        for stage in stages:
-            batch = [m for item in batch for m in stage.process(item)]
-        out.extend(batch)
-    return out
+    return [m for message in messages for m in through(stages, message)]

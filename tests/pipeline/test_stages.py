@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_support import make_series, phantom, volumes
+from pipeline_support import chain, make_series, phantom, volumes
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
 from boldstream.pipeline.checkpoint import CheckpointStore
@@ -19,11 +19,7 @@ from boldstream.stream.messages import Gap, Message, SeriesEnd
 
 
 def run_chain(motion: MotionStage, qc: QCStage, messages: Iterable[Message]) -> list[Message]:
-    out: list[Message] = []
-    for message in messages:
-        for m in motion.process(message):
-            out.extend(qc.process(m))
-    return out
+    return chain([motion, qc], list(messages))
 
 
 def by_topic(messages: list[Message], topic: str) -> dict[int, dict]:
