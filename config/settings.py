@@ -72,6 +72,11 @@ class ReceiverSettings(_Section):
     #: How long pynetdicom's per-association network loop sleeps when idle (ms).
     #: Lower answers faster (more instances/s) at a little idle CPU per association.
     reactor_poll_ms: float = Field(default=0.2, gt=0, le=10)
+    #: Where decoding and volume assembly run: "process", a child process with an
+    #: interpreter of its own, restarted if it dies (the receiver process keeps
+    #: the network and the durable write); or "thread", inside the receiver
+    #: process (one process less; slower with a busy scanner).
+    ingest: Literal["process", "thread"] = "process"
     #: DICOM over TLS: our certificate and its private key (PEM); both or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -80,17 +80,32 @@ class Durability:
     waits on it before the instance may become part of a volume.
     """
 
-    __slots__ = ("_done", "_stored")
+    __slots__ = ("_done", "_stored", "_then")
 
     def __init__(self, stored: bool | None = None) -> None:
         self._done = threading.Event()
         self._stored = False
+        self._then: Callable[[bool], None] | None = None
         if stored is not None:
             self.resolve(stored)
 
     def resolve(self, stored: bool) -> None:
         self._stored = stored
         self._done.set()
+        then, self._then = self._then, None
+        if then is not None:
+            then(stored)
+
+    def when_resolved(self, then: Callable[[bool], None]) -> bool:
+        """Call ``then(stored)`` in the resolving thread; False if already resolved.
+
+        For one consumer that registers before the handler's write returns
+        (the ingest process, which must not see an instance before it is safe).
+        """
+        if self._done.is_set():
+            return False
+        self._then = then
+        return True
 
     def wait(self, timeout: float | None = None) -> bool | None:
         """True: in the spool and new; False: not to be assembled; None: timed out."""
@@ -117,6 +132,8 @@ class Received:
     #: True when re-read from the spool after a restart.
     recovered: bool = False
     durable: Durability = field(default_factory=lambda: Durability(stored=True))
+    #: The instance as written to the spool (what the ingest process is sent).
+    encoded: bytes = b""
 
 
 @dataclass
@@ -393,6 +410,7 @@ def handle_store(
             received=received,
             calling_aet=calling,
             durable=durable,
+            encoded=encoded,
         )
     )
     stored = None

@@ -1,8 +1,10 @@
-"""The receiver as one unit: spool + Storage SCP + ingest thread.
+"""The receiver as one unit: spool + Storage SCP + ingest (thread or process).
 
 Start order matters: the spool is opened, unclosed series are queued for
-recovery, the ingest thread starts, and only then does the SCP listen, so an
+recovery, the ingest starts, and only then does the SCP listen, so an
 instance that arrives during recovery is ordered after the recovered ones.
+With ``receiver.ingest = "process"`` the ingest process does its own
+recovery before it reports ready.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 
 from boldstream.config.settings import Settings
 from boldstream.receiver.ingest import Emitted, Ingest
+from boldstream.receiver.ingest_process import IngestProcess
 from boldstream.receiver.scp import StorageSCP
 from boldstream.receiver.spool import Spool
 
@@ -23,7 +26,11 @@ class Receiver:
     def __init__(self, settings: Settings, emit: Callable[[Emitted], None]) -> None:
         self.settings = settings
         self.spool = Spool(settings.receiver.spool_dir, fsync=settings.receiver.fsync)
-        self.ingest = Ingest(settings, self.spool, emit)
+        self.ingest: Ingest | IngestProcess
+        if settings.receiver.ingest == "process":
+            self.ingest = IngestProcess(settings, self.spool, emit)
+        else:
+            self.ingest = Ingest(settings, self.spool, emit)
         self.scp = StorageSCP(settings.receiver, self.spool, self.ingest.submit)
 
     def start(self) -> None:

@@ -63,7 +63,14 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable, de-duplicating instance store (thread-safe: no shared state)."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, min_free_mb: float = 0.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        min_free_mb: float = 0.0,
+        clean_incoming: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
@@ -72,6 +79,8 @@ class Spool:
             self._incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReceiverError(f"cannot create spool folder {self.root}: {exc}") from exc
+        if not clean_incoming:  # a reader beside a live writer (the ingest process)
+            return
         for stale in self._incoming.glob("*.part"):  # left by a crash mid-write
             with contextlib.suppress(OSError):
                 stale.unlink()

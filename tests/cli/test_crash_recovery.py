@@ -20,6 +20,14 @@ pytestmark = pytest.mark.timeout(180)
 N_VOLUMES, N_SLICES = 8, 16
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _assembled(server: ServeProcess) -> list[int]:
     return sorted(int(e["volume"]) for e in server.events("volume assembled"))
 
@@ -54,6 +62,12 @@ def test_sigkill_mid_series_then_restart_assembles_every_acknowledged_instance(
         time.sleep(0.002)
     server.proc.kill()  # SIGKILL: no clean-up of any kind
     server.kill()
+    # Its ingest process does not outlive it (nor hold the spool for the next one).
+    (started,) = server.events("ingest process started")
+    deadline = time.monotonic() + 10
+    while _running(int(started["pid"])):
+        assert time.monotonic() < deadline, "the ingest process outlived the service"
+        time.sleep(0.05)
     out, _ = sender.communicate(timeout=60)
 
     # What the scanner was told: every "Sending file" followed by a success response.

@@ -72,7 +72,13 @@ class Live:
         settings = load_settings(
             overrides=[
                 {
-                    "receiver": {"port": 0, "spool_dir": str(tmp_path / "spool")},
+                    # In-process ingest, so that its log lines reach the captured
+                    # log; tests/receiver/test_ingest_process.py covers the child.
+                    "receiver": {
+                        "port": 0,
+                        "spool_dir": str(tmp_path / "spool"),
+                        "ingest": "thread",
+                    },
                     "assembly": {"volume_timeout_s": 1.0, **assembly},
                 }
             ],

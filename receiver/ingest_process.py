@@ -1,0 +1,444 @@
+"""The ingest in a process of its own (``receiver.ingest = "process"``).
+
+The receiver process keeps the network and the durable write: pynetdicom's
+threads, the C-STORE handler and the spool. Decoding and assembly (about a
+millisecond of Python per instance, the largest single part of the
+receiver's work) run in a child process with an interpreter of their own, so
+they no longer compete with the associations for one interpreter lock.
+
+Protocol (ZeroMQ over loopback TCP; both sockets bound by the parent, no
+pickle):
+
+- parent PUSH -> child PULL, instances: ``[b"instance", header JSON, encoded
+  instance]`` sent by the handler thread once the instance is durably in the
+  spool (never before: nothing the scanner was not told is safe may become
+  part of a volume); ``[b"sync"]`` in answer to a child's ``hello``;
+  ``[b"stop"]`` after the last instance.
+- child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready", JSON]`` once its
+  recovery is queued, ``[b"event", *codec frames]`` per assembled volume or
+  incomplete-volume report, ``[b"progress", JSON]`` every tick and when it
+  stops.
+
+Nothing accepted is lost when the child dies: every instance it was sent is
+in the spool, in a series the spool has not closed, and a new child re-reads
+all of those before it takes live instances (its ``hello``/``sync`` handshake
+makes sure the parent's socket is attached to it first, so an instance is
+either sent to the new child or already on disk when it scans). Volumes come
+out again after a restart; downstream keys them by (series, index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import zmq
+
+from boldstream.config.settings import Settings
+from boldstream.errors import ReceiverError
+from boldstream.logs import configure_logging, get_logger
+from boldstream.receiver.ingest import Emitted, Ingest, IngestStats
+from boldstream.receiver.scp import Received
+from boldstream.receiver.spool import Spool
+from boldstream.stream import codec
+from boldstream.stream.messages import Message
+
+__all__ = ["IngestProcess"]
+
+#: How long a handler waits for the child to take an instance before handing
+#: it to the next child's recovery instead (the child is then restarted).
+SEND_TIMEOUT_S = 10.0
+#: Queued instances the parent holds for a busy child (like Ingest's queue).
+_HWM = 20000
+_TICK_S = 0.1
+
+
+class IngestProcess:
+    """Decode + assembly in a child process, with :class:`Ingest`'s face.
+
+    ``emit`` is called on this object's receiving thread with every
+    :class:`Volume` / :class:`VolumeIncomplete`. A child that dies is
+    restarted (it recovers from the spool) up to ``max_restarts`` times.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        emit: Callable[[Emitted], None],
+        *,
+        context: zmq.Context[Any] | None = None,
+        max_restarts: int = 10,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.restarts = 0
+        self._emit = emit
+        self._max_restarts = max_restarts
+        self._start_timeout_s = start_timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._log = get_logger("ingest")
+        self._send_lock = threading.Lock()
+        self._sent = 0  # instances handed to the current child
+        self._stats = IngestStats()  # the current child's, as last reported
+        self._before = IngestStats()  # summed over earlier children
+        self._consumed = 0
+        self._idle = False
+        self._ready = threading.Event()
+        self._stopping = False
+        self._recovered = 0
+        self._rescan = False  # an instance could not be sent: restart to recover it
+        self._generation = 0  # bumped with each new child's socket
+        self._process: Any = None
+        self._thread: threading.Thread | None = None
+        self._bye = threading.Event()
+        self._pull: zmq.Socket[Any] = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        port = self._pull.bind_to_random_port("tcp://127.0.0.1")
+        self._results_endpoint = f"tcp://127.0.0.1:{port}"
+        self._push: zmq.Socket[Any] = self._new_push()
+
+    # -- Ingest's face ------------------------------------------------------
+    @property
+    def stats(self) -> IngestStats:
+        now, before = self._stats, self._before
+        return IngestStats(
+            **{f.name: getattr(now, f.name) + getattr(before, f.name) for f in fields(now)}
+        )
+
+    def recover(self) -> int:
+        """The child recovers the spool itself when it starts; see :meth:`start`."""
+        return 0
+
+    def submit(self, item: Received) -> None:
+        """Send ``item`` to the child once its durable write has succeeded."""
+        if item.durable.when_resolved(lambda stored: self._send(item) if stored else None):
+            return
+        self._send(item)  # already resolved (cannot happen for live instances)
+
+    def start(self) -> None:
+        """Start the child; returns once it has queued its recovery."""
+        self._thread = threading.Thread(target=self._run, name="boldstream-ingest-rx", daemon=True)
+        self._thread.start()
+        self._spawn()
+        if not self._ready.wait(self._start_timeout_s):
+            raise ReceiverError(
+                f"the ingest process did not start within {self._start_timeout_s:.0f} s"
+            )
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Let the child finish what it was sent, then stop it."""
+        self._stopping = True
+        with self._send_lock, contextlib.suppress(zmq.ZMQError):
+            self._push.send(b"stop", flags=zmq.NOBLOCK)
+        process = self._process
+        if process is not None:
+            process.join(timeout)
+            if process.is_alive():
+                self._log.error("ingest process did not stop; terminating it")
+                process.terminate()
+                process.join(5.0)
+        self._bye.wait(2.0)
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._push.close(0)
+        self._pull.close(0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once the child has processed everything sent to it so far."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready.is_set() and self._idle and self._consumed >= self._sent:
+                return True
+            time.sleep(0.01)
+        return False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    # -- sending (handler threads) -----------------------------------------
+    def _new_push(self) -> zmq.Socket[Any]:
+        push: zmq.Socket[Any] = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, _HWM)
+        push.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
+        port = push.bind_to_random_port("tcp://127.0.0.1")
+        self._instances_endpoint = f"tcp://127.0.0.1:{port}"
+        return push
+
+    def _send(self, item: Received) -> None:
+        header = json.dumps(
+            {
+                "path": str(item.path),
+                "sop_class_uid": item.sop_class_uid,
+                "sop_instance_uid": item.sop_instance_uid,
+                "received": item.received,
+                "calling_aet": item.calling_aet,
+            }
+        ).encode()
+        frames = [b"instance", header, item.encoded]
+        generation = self._generation
+        deadline = time.monotonic() + SEND_TIMEOUT_S
+        while True:
+            with self._send_lock:
+                if self._generation != generation:
+                    # A new child started since this instance was written: its
+                    # recovery scan reads it from the spool.
+                    return
+                try:
+                    self._push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError as exc:  # closed: the receiver is stopping
+                    self._log.warning(
+                        "instance spooled but not handed to the ingest process; "
+                        "it is assembled at the next start",
+                        path=str(item.path),
+                        error=str(exc),
+                    )
+                    return
+                else:
+                    self._sent += 1
+                    return
+            if time.monotonic() > deadline:
+                self._rescan = True
+                self._log.error(
+                    "ingest process not taking instances; it will be restarted and "
+                    "assemble this one from the spool",
+                    path=str(item.path),
+                    waited_s=SEND_TIMEOUT_S,
+                )
+                return
+            time.sleep(0.001)
+
+    # -- the child's lifecycle (receiving thread) ----------------------------
+    def _spawn(self) -> None:
+        mp: Any = multiprocessing.get_context("spawn")
+        self._ready.clear()
+        self._idle = False
+        self._process = mp.Process(
+            target=_child_main,
+            args=(
+                self.settings.model_dump_json(),
+                self._instances_endpoint,
+                self._results_endpoint,
+            ),
+            name="boldstream-ingest",
+            daemon=True,
+        )
+        self._process.start()
+        self._log.info("ingest process started", pid=self._process.pid)
+
+    def _restart(self, why: str) -> None:
+        if self.restarts >= self._max_restarts:
+            self._log.critical(
+                "ingest process gave up after too many restarts; instances are still "
+                "spooled and are assembled when the service restarts",
+                restarts=self.restarts,
+            )
+            self._stopping = True
+            return
+        self.restarts += 1
+        self._log.error("ingest process restarting", reason=why, restarts=self.restarts)
+        old = self._process
+        if old is not None and old.is_alive():
+            old.kill()
+            old.join(5.0)
+        with self._send_lock:
+            # A fresh socket: nothing may go to the dead child's queue after the
+            # new child has scanned the spool.
+            self._push.close(0)
+            self._push = self._new_push()
+            self._generation += 1
+            self._rescan = False
+            self._sent = 0
+        self._before = self.stats
+        self._stats = IngestStats()
+        self._consumed = 0
+        self._spawn()
+
+    def _run(self) -> None:
+        next_check = time.monotonic() + _TICK_S
+        while True:
+            if self._pull.poll(int(_TICK_S * 1000)):
+                frames = self._pull.recv_multipart(copy=False)
+                try:
+                    if self._handle(frames):
+                        return
+                except Exception:
+                    self._log.exception("message from the ingest process not understood")
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + _TICK_S
+            process = self._process
+            if self._stopping:
+                if process is None or not process.is_alive():
+                    return
+            elif process is not None and not process.is_alive():
+                if process.exitcode == -signal.SIGTERM:
+                    # Asked to stop (a service manager stopping everything):
+                    # what it was sent is in the spool for the next start.
+                    self._log.warning(
+                        "ingest process terminated (SIGTERM); not restarted, "
+                        "instances are spooled and assembled at the next start"
+                    )
+                    self._stopping = True
+                    continue
+                self._restart(f"exit code {process.exitcode}")
+            elif self._rescan:
+                self._restart("an instance could not be handed over")
+
+    def _handle(self, frames: list[Any]) -> bool:
+        """Act on one message from the child; True when the child said goodbye."""
+        kind = bytes(frames[0].buffer)
+        if kind == b"event":
+            message = codec.decode(frames[1:])
+            try:
+                self._emit(message.payload)  # type: ignore[arg-type]
+            except Exception:
+                self._log.exception("volume consumer failed")
+        elif kind == b"progress" or kind == b"bye":
+            report = json.loads(bytes(frames[1].buffer))
+            self._stats = IngestStats(**report["stats"])
+            self._consumed = int(report["consumed"])
+            self._idle = bool(report["idle"])
+            if kind == b"bye":
+                self._bye.set()
+                return True
+        elif kind == b"hello":
+            with self._send_lock:
+                self._push.send(b"sync")
+        elif kind == b"ready":
+            report = json.loads(bytes(frames[1].buffer))
+            self._recovered += int(report["recovered"])
+            self._ready.set()
+        return False
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class _Child:
+    """The child's side: sockets, an :class:`Ingest`, and its reports."""
+
+    def __init__(self, settings: Settings, instances: str, results: str) -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.pull: zmq.Socket[Any] = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, _HWM)
+        self.pull.connect(instances)
+        self.push: zmq.Socket[Any] = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 30000)
+        self.push.connect(results)
+        self.lock = threading.Lock()
+        self.consumed = 0
+        self.orphaned = False
+        # The parent's handlers write into .incoming right now: leave it alone.
+        spool = Spool(
+            settings.receiver.spool_dir, fsync=settings.receiver.fsync, clean_incoming=False
+        )
+        self.ingest = Ingest(settings, spool, self.emit)
+        self.log = get_logger("ingest", pid=os.getpid())
+
+    def emit(self, event: Emitted) -> None:
+        frames = codec.encode(Message(payload=event))
+        with self.lock:
+            self.push.send_multipart([b"event", *frames], copy=False)
+
+    def report(self, kind: bytes) -> None:
+        body = {
+            "stats": asdict(self.ingest.stats),
+            "consumed": self.consumed,
+            "idle": self.ingest.wait_idle(0.0),
+        }
+        with self.lock:
+            self.push.send_multipart([kind, json.dumps(body).encode()])
+
+    def take(self, frames: list[bytes]) -> None:
+        header = json.loads(frames[1])
+        data = frames[2]
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # the handler parsed it once; should not happen
+            self.log.error("instance unreadable", path=header["path"], error=str(exc))
+            self.consumed += 1
+            return
+        self.ingest.submit(
+            Received(
+                dataset=ds,
+                path=Path(header["path"]),
+                sop_class_uid=header["sop_class_uid"],
+                sop_instance_uid=header["sop_instance_uid"],
+                received=float(header["received"]),
+                calling_aet=header["calling_aet"],
+            )
+        )
+        self.consumed += 1
+
+    def run(self) -> None:
+        parent = os.getppid()
+        with self.lock:
+            self.push.send(b"hello")
+        early: list[list[bytes]] = []
+        while True:  # until the parent's socket is attached to this child
+            frames = self.pull.recv_multipart()
+            if frames[0] == b"sync":
+                break
+            if frames[0] == b"stop":
+                self.report(b"bye")
+                return
+            early.append(frames)
+        recovered = self.ingest.recover()
+        self.ingest.start()
+        for frames in early:
+            self.take(frames)
+        with self.lock:
+            self.push.send_multipart([b"ready", json.dumps({"recovered": recovered}).encode()])
+        next_report = time.monotonic() + _TICK_S
+        while True:
+            if self.pull.poll(int(_TICK_S * 1000)):
+                frames = self.pull.recv_multipart()
+                if frames[0] == b"instance":
+                    self.take(frames)
+                elif frames[0] == b"stop":
+                    break
+            if time.monotonic() >= next_report:
+                self.report(b"progress")
+                next_report = time.monotonic() + _TICK_S
+                if os.getppid() != parent:
+                    # Nothing to drain to: what it holds is in the spool, for the
+                    # next service's recovery.
+                    self.log.error("receiver process gone; ingest process exits")
+                    self.orphaned = True
+                    return
+        self.ingest.stop()
+        self.report(b"bye")
+
+    def close(self) -> None:
+        self.pull.close(0)
+        self.push.close(0 if self.orphaned else None)
+        self.ctx.term()
+
+
+def _child_main(settings_json: str, instances: str, results: str) -> None:
+    # Ctrl-C reaches the whole process group; the receiver decides when this stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(level=settings.logging.level, json=settings.logging.json_output)
+    child = _Child(settings, instances, results)
+    try:
+        child.run()
+    finally:
+        child.close()

@@ -1,0 +1,158 @@
+"""Decode and assembly in their own process (``receiver.ingest = "process"``).
+
+The receiver's default. Every other receiver test that builds a Receiver
+without naming the mode runs through the child too (the simulator's
+loopback tests check voxel for voxel in all encodings); these tests cover
+what only the child has: it is sent an instance only after its durable
+write, it is restarted when it dies and assembles from the spool what it
+lost, and it does not outlive the receiver.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from peers import require_tool
+
+from boldstream.config import load_settings
+from boldstream.receiver.ingest_process import IngestProcess
+from boldstream.receiver.scp import Durability, Received
+from boldstream.receiver.service import Receiver
+from boldstream.receiver.spool import Spool
+from boldstream.receiver.volume import Volume, VolumeIncomplete
+from boldstream.simulator.phantom import make_phantom_run
+from boldstream.simulator.send import SendOptions, write_run
+
+pytestmark = pytest.mark.timeout(120)
+
+N_VOLUMES, N_SLICES = 8, 12
+
+
+class Collected:
+    """Volumes by index, however many times each came (a restart repeats them)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.volumes: dict[int, Volume] = {}
+        self.deliveries = 0
+        self.incomplete: list[VolumeIncomplete] = []
+
+    def __call__(self, event: Volume | VolumeIncomplete) -> None:
+        with self.cond:
+            if isinstance(event, Volume):
+                self.volumes[event.index] = event
+                self.deliveries += 1
+            else:
+                self.incomplete.append(event)
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 30.0) -> dict[int, Volume]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.volumes) >= n, timeout), sorted(self.volumes)
+            return dict(self.volumes)
+
+
+def _settings(spool: Path) -> Any:
+    return load_settings(
+        overrides=[{"receiver": {"port": 0, "spool_dir": str(spool), "ingest": "process"}}],
+        environ={},
+    )
+
+
+def _storescu(port: int, files: list[Path]) -> None:
+    done = subprocess.run(
+        [require_tool("storescu"), "-aet", "SCANNER", "-aec", "BOLDSTREAM", "127.0.0.1",
+         str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    run = make_phantom_run(n_volumes=N_VOLUMES, tr_s=1.0, shape=(20, 18, N_SLICES), voxel_mm=6.0)
+    out = tmp_path_factory.mktemp("dicom")
+    return write_run(run, out, SendOptions(encoding="slice"), truth=False)
+
+
+def test_killed_ingest_process_is_restarted_and_every_volume_comes(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    collected = Collected()
+    receiver = Receiver(_settings(tmp_path / "spool"), collected)
+    receiver.start()
+    try:
+        ingest = receiver.ingest
+        assert isinstance(ingest, IngestProcess)
+        half = len(files) // 2
+        _storescu(receiver.port, files[:half])
+        collected.wait(half // N_SLICES)
+        first = ingest.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        # The rest arrives while the child is dead or starting again: every
+        # instance is acknowledged (it is in the spool), and the new child
+        # assembles them from there or from its socket.
+        _storescu(receiver.port, files[half:])
+        volumes = collected.wait(N_VOLUMES)
+        assert sorted(volumes) == list(range(N_VOLUMES))
+        assert all(v.data.shape == (20, 18, N_SLICES) for v in volumes.values())
+        assert ingest.restarts == 1
+        assert ingest.pid not in (None, first)
+        assert receiver.scp.stats.snapshot()["accepted"] == len(files)
+        assert collected.incomplete == []
+    finally:
+        receiver.stop()
+
+
+def test_instance_refused_by_the_spool_never_reaches_the_child(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    settings = _settings(tmp_path / "spool")
+    collected = Collected()
+    spool = Spool(settings.receiver.spool_dir)
+    ingest = IngestProcess(settings, spool, collected)
+    ingest.start()
+    try:
+        for k, path in enumerate(files[:N_SLICES]):
+            ds = pydicom.dcmread(path)
+            durable = Durability()
+            ingest.submit(
+                Received(
+                    dataset=ds,
+                    path=path,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    received=time.time(),
+                    durable=durable,
+                    encoded=path.read_bytes(),
+                )
+            )
+            # The last slice "failed to write": volume 0 must not be assembled.
+            durable.resolve(k < N_SLICES - 1)
+        assert ingest.wait_idle(20)
+        assert ingest.stats.instances == N_SLICES - 1
+        assert collected.volumes == {}
+    finally:
+        ingest.stop()
+
+
+def test_when_resolved_runs_once_in_the_resolving_thread() -> None:
+    seen: list[tuple[bool, str]] = []
+    token = Durability()
+    assert token.when_resolved(lambda ok: seen.append((ok, threading.current_thread().name)))
+    worker = threading.Thread(target=token.resolve, args=(True,), name="handler")
+    worker.start()
+    worker.join()
+    token.resolve(True)
+    assert seen == [(True, "handler")]
+    assert not Durability(stored=False).when_resolved(lambda ok: seen.append((ok, "late")))
+    assert len(seen) == 1
