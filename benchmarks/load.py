@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,10 @@ class Sampler(threading.Thread):
     """RSS of this process, the stage processes and their sum: peaks, and the
     total over time (to tell a flat footprint from a growing one)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, ingest_pid: Callable[[], int | None]) -> None:
         super().__init__(name="rss", daemon=True)
         self.pipeline = pipeline
+        self.ingest_pid = ingest_pid
         self.stop_event = threading.Event()
         self.peak = {"service": 0.0, "stages": 0.0, "total": 0.0}
         #: (time.time(), MB per process and in total) every 0.5 s.
@@ -216,7 +218,10 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):
-            now = {"service": rss_mb(os.getpid())}
+            # The service: this process (receiver + hub) and the receiver's ingest process.
+            ingest = self.ingest_pid()
+            now = {"ingest": rss_mb(ingest) if ingest is not None else 0.0}
+            now["service"] = rss_mb(os.getpid()) + now["ingest"]
             for name in STAGES:
                 pid = self.pipeline.stage_pid(name)
                 now[name] = rss_mb(pid) if pid is not None else 0.0
@@ -328,6 +333,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "pipeline.pub='tcp://127.0.0.1:*'",
             "pipeline.snapshot=''",
             "pipeline.mode='process'",
+            f"receiver.ingest='{args.ingest}'",
         ],
         environ={},
     )
@@ -343,7 +349,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise RuntimeError("the counting subscriber did not connect")
         time.sleep(0.05)
-    sampler = Sampler(pipeline)
+    sampler = Sampler(pipeline, lambda: getattr(receiver.ingest, "pid", None))
     sampler.start()
 
     spawn = mp.get_context("spawn")
@@ -456,7 +462,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 sampler.median_between(start + 60.0 * m, start + 60.0 * (m + 1), key)
                 for m in range(max(1, math.ceil((sending_end - start) / 60.0)))
             ]
-            for key in ("total", "service", *STAGES)
+            for key in ("total", "service", "ingest", *STAGES)
         },
         "errors": errors,
     }
@@ -482,6 +488,12 @@ def main() -> int:
     )
     ap.add_argument("--drain-s", type=float, default=300.0, help="wait for results at most")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    ap.add_argument(
+        "--ingest",
+        choices=("process", "thread"),
+        default="process",
+        help="receiver.ingest: decode + assembly in a child process (default) or a thread",
+    )
     args = ap.parse_args()
     configure_logging(level="warning")
     r = run_load(args)

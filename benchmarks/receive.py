@@ -132,12 +132,20 @@ def _send(port: int, files: Sequence[Path], *, nodelay: bool, senders: int = 1) 
 
 
 @contextlib.contextmanager
-def _boldstream(root: Path, *, quickack: bool) -> Iterator[tuple[int, list[Volume], Receiver]]:
+def _boldstream(
+    root: Path, *, quickack: bool, ingest: str = "process"
+) -> Iterator[tuple[int, list[Volume], Receiver]]:
     spool = Path(tempfile.mkdtemp(dir=root))
     settings = load_settings(
         overrides=[
             {
-                "receiver": {"port": 0, "spool_dir": str(spool), "tcp_quickack": quickack},
+                "receiver": {
+                    "port": 0,
+                    "spool_dir": str(spool),
+                    "tcp_quickack": quickack,
+                    "ingest": ingest,
+                },
+                "logging": {"level": "error"},  # the ingest process logs by this
                 "selector": {"exclude_image_types": []},
             }
         ],
@@ -294,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rates: dict[str, list[float]] = {}
                 receivers = ["boldstream", "boldstream, quickack off", "DCMTK storescp"]
                 if nodelay:  # without TCP_NODELAY it stalls like "quickack off"
-                    receivers.insert(2, "pynetdicom alone (no-op handler)")
+                    receivers.insert(1, "boldstream, ingest in a thread")
+                    receivers.insert(3, "pynetdicom alone (no-op handler)")
                 for receiver in receivers:
                     slow = not nodelay and receiver != "boldstream" and name.startswith("per-slice")
                     subset = files[: args.slow_cap] if slow else files
@@ -306,11 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             with _pynetdicom_alone() as port:
                                 seconds = _send(port, subset, nodelay=nodelay)
                         else:
-                            quick = receiver == "boldstream"
-                            with _boldstream(root, quickack=quick) as (port, vols, rec):
+                            quick = receiver != "boldstream, quickack off"
+                            mode = "thread" if receiver.endswith("in a thread") else "process"
+                            with _boldstream(root, quickack=quick, ingest=mode) as (
+                                port,
+                                vols,
+                                rec,
+                            ):
                                 seconds = _send(port, subset, nodelay=nodelay)
                                 rec.ingest.wait_idle(60)
-                                if quick:
+                                if receiver == "boldstream":
                                     latency[name] += [
                                         (v.assembled - v.last_received) * 1e3 for v in vols
                                     ]
@@ -387,28 +401,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         par_rows = []
         files = series["per-slice 90x90x60"]
         for senders in (1, 4):
-            values = []
+            values: dict[str, list[float]] = {"process": [], "thread": []}
             for _ in range(args.repeats):
-                with _boldstream(root, quickack=True) as (port, _vols, rec):
-                    values.append(len(files) / _send(port, files, nodelay=False, senders=senders))
-                    rec.ingest.wait_idle(60)
-            par_rows.append([str(senders), f"{statistics.median(values):,.0f}"])
+                for mode, got in values.items():  # alternating, same conditions
+                    with _boldstream(root, quickack=True, ingest=mode) as (port, _vols, rec):
+                        got.append(len(files) / _send(port, files, nodelay=False, senders=senders))
+                        rec.ingest.wait_idle(60)
+            process, thread = (statistics.median(values[m]) for m in ("process", "thread"))
+            par_rows.append(
+                [str(senders), f"{process:,.0f}", f"{thread:,.0f}", f"{process / thread:.2f}x"]
+            )
         print("\nper-slice 90x90x60, default storescu, parallel associations into boldstream\n")
-        print(table(["associations", "instances/s"], par_rows))
+        print(
+            table(
+                ["associations", "ingest process (default)", "ingest in a thread", "ratio"],
+                par_rows,
+            )
+        )
         # Paced like a scanner (20x real time at TR 2 s: a volume every 100 ms), sent by
         # `boldstream simulate` in its own process, as opposed to the flood above, where
         # volumes also queue behind each other.
-        for encoding, label in (("mosaic", "mosaic 64x64x36"), ("slice", "per-slice 64x64x36")):
-            with _boldstream(root, quickack=True) as (port, vols, rec):
-                subprocess.run(
-                    [sys.executable, "-m", "boldstream", "simulate", "--volumes", "60",
-                     "--encoding", encoding, "--pace", "20", "--port", str(port)],
-                    check=True, capture_output=True, timeout=300,
-                )  # fmt: skip
-                rec.ingest.wait_idle(60)
-                latency[f"{label}, paced at 20x real time"] = [
-                    (v.assembled - v.last_received) * 1e3 for v in vols
-                ]
+        paced = [
+            (encoding, mode, f"{label}, paced at 20x real time{suffix}")
+            for encoding, label in (("mosaic", "mosaic 64x64x36"), ("slice", "per-slice 64x64x36"))
+            for mode, suffix in (("process", ""), ("thread", ", ingest in a thread"))
+        ]
+        for _ in range(args.repeats):  # alternating: process, thread, process, ...
+            for encoding, mode, label in paced:
+                with _boldstream(root, quickack=True, ingest=mode) as (port, vols, rec):
+                    subprocess.run(
+                        [sys.executable, "-m", "boldstream", "simulate", "--volumes", "60",
+                         "--encoding", encoding, "--pace", "20", "--port", str(port)],
+                        check=True, capture_output=True, timeout=300,
+                    )  # fmt: skip
+                    rec.ingest.wait_idle(60)
+                    latency.setdefault(label, []).extend(
+                        (v.assembled - v.last_received) * 1e3 for v in vols
+                    )
         # The part of the paced latency no receiver can avoid: the durable write of
         # a volume's last instance, on a disk left idle 100 ms between volumes.
         latency["mosaic 64x64x36, durable write alone, 100 ms apart"] = [

@@ -10,10 +10,13 @@ Protocol (ZeroMQ over loopback TCP; both sockets bound by the parent, no
 pickle):
 
 - parent PUSH -> child PULL, instances: ``[b"instance", header JSON, encoded
-  instance]`` sent by the handler thread once the instance is durably in the
-  spool (never before: nothing the scanner was not told is safe may become
-  part of a volume); ``[b"sync"]`` in answer to a child's ``hello``;
-  ``[b"stop"]`` after the last instance.
+  instance]``, sent by the handler while its durable write runs (the child
+  decodes meanwhile), then ``[b"durable", token, b"1" | b"0"]`` once the
+  write has ended: the child assembles the instance only after a ``1``, so
+  nothing the scanner was not told is safe becomes part of a volume. An
+  instance that could not be sent early, or went to a child that has since
+  been replaced, is sent whole after its write instead. ``[b"sync"]``
+  answers a child's ``hello``; ``[b"stop"]`` follows the last instance.
 - child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready", JSON]`` once its
   recovery is queued, ``[b"event", *codec frames]`` per assembled volume or
   incomplete-volume report, ``[b"progress", JSON]`` every tick and when it
@@ -49,7 +52,7 @@ from boldstream.config.settings import Settings
 from boldstream.errors import ReceiverError
 from boldstream.logs import configure_logging, get_logger
 from boldstream.receiver.ingest import Emitted, Ingest, IngestStats
-from boldstream.receiver.scp import Received
+from boldstream.receiver.scp import Durability, Received
 from boldstream.receiver.spool import Spool
 from boldstream.stream import codec
 from boldstream.stream.messages import Message
@@ -101,6 +104,7 @@ class IngestProcess:
         self._recovered = 0
         self._rescan = False  # an instance could not be sent: restart to recover it
         self._generation = 0  # bumped with each new child's socket
+        self._tokens = 0  # numbers instances so that their verdicts find them
         self._process: Any = None
         self._thread: threading.Thread | None = None
         self._bye = threading.Event()
@@ -123,10 +127,26 @@ class IngestProcess:
         return 0
 
     def submit(self, item: Received) -> None:
-        """Send ``item`` to the child once its durable write has succeeded."""
-        if item.durable.when_resolved(lambda stored: self._send(item) if stored else None):
-            return
-        self._send(item)  # already resolved (cannot happen for live instances)
+        """Hand ``item`` over while its durable write runs; its verdict follows.
+
+        The child starts decoding at once and assembles the instance only
+        when the verdict says it is safely in the spool (as the ingest thread
+        does with the :class:`Durability` token itself).
+        """
+        self._tokens += 1
+        token = self._tokens
+        sent = self._try_send(item, token)
+        if not item.durable.when_resolved(lambda stored: self._verdict(item, token, sent, stored)):
+            self._verdict(item, token, sent, item.durable.wait(0) is True)
+
+    def _verdict(self, item: Received, token: int, sent: int | None, stored: bool) -> None:
+        """After the write: tell the child, or send the whole instance if it never got it."""
+        if sent is not None and sent == self._generation:
+            self._send([b"durable", str(token).encode(), b"1" if stored else b"0"], item)
+        elif stored:
+            # Not sent before, or sent to a child that has since been replaced
+            # (whose recovery scan may have run before this write ended).
+            self._send(self._frames(item, token, pending=False), item)
 
     def start(self) -> None:
         """Start the child; returns once it has queued its recovery."""
@@ -179,23 +199,39 @@ class IngestProcess:
         self._instances_endpoint = f"tcp://127.0.0.1:{port}"
         return push
 
-    def _send(self, item: Received) -> None:
-        header = json.dumps(
-            {
-                "path": str(item.path),
-                "sop_class_uid": item.sop_class_uid,
-                "sop_instance_uid": item.sop_instance_uid,
-                "received": item.received,
-                "calling_aet": item.calling_aet,
-            }
-        ).encode()
-        frames = [b"instance", header, item.encoded]
+    @staticmethod
+    def _frames(item: Received, token: int, *, pending: bool) -> list[Any]:
+        header = {
+            "token": token,
+            "pending": pending,
+            "path": str(item.path),
+            "sop_class_uid": item.sop_class_uid,
+            "sop_instance_uid": item.sop_instance_uid,
+            "received": item.received,
+            "calling_aet": item.calling_aet,
+        }
+        return [b"instance", json.dumps(header).encode(), item.encoded]
+
+    def _try_send(self, item: Received, token: int) -> int | None:
+        """One attempt to send ``item`` before its write; the generation it went to."""
+        with self._send_lock:
+            try:
+                self._push.send_multipart(
+                    self._frames(item, token, pending=True), flags=zmq.NOBLOCK, copy=False
+                )
+            except zmq.ZMQError:
+                return None
+            self._sent += 1
+            return self._generation
+
+    def _send(self, frames: list[Any], item: Received) -> None:
+        """Send after the durable write, waiting up to SEND_TIMEOUT_S for the child."""
         generation = self._generation
         deadline = time.monotonic() + SEND_TIMEOUT_S
         while True:
             with self._send_lock:
                 if self._generation != generation:
-                    # A new child started since this instance was written: its
+                    # A new child started after this instance was written: its
                     # recovery scan reads it from the spool.
                     return
                 try:
@@ -211,7 +247,8 @@ class IngestProcess:
                     )
                     return
                 else:
-                    self._sent += 1
+                    if frames[0] == b"instance":
+                        self._sent += 1
                     return
             if time.monotonic() > deadline:
                 self._rescan = True
@@ -345,6 +382,8 @@ class _Child:
         self.lock = threading.Lock()
         self.consumed = 0
         self.orphaned = False
+        #: Instances sent before their durable write, waiting for its verdict.
+        self.pending: dict[int, Durability] = {}
         # The parent's handlers write into .incoming right now: leave it alone.
         spool = Spool(
             settings.receiver.spool_dir, fsync=settings.receiver.fsync, clean_incoming=False
@@ -367,14 +406,22 @@ class _Child:
             self.push.send_multipart([kind, json.dumps(body).encode()])
 
     def take(self, frames: list[bytes]) -> None:
+        """An instance or a verdict on one."""
+        if frames[0] == b"durable":
+            token = self.pending.pop(int(frames[1]), None)
+            if token is not None:
+                token.resolve(frames[2] == b"1")
+            return
         header = json.loads(frames[1])
-        data = frames[2]
+        durable = Durability() if header["pending"] else Durability(stored=True)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = pydicom.dcmread(io.BytesIO(frames[2]))
         except Exception as exc:  # the handler parsed it once; should not happen
             self.log.error("instance unreadable", path=header["path"], error=str(exc))
             self.consumed += 1
             return
+        if header["pending"]:
+            self.pending[int(header["token"])] = durable
         self.ingest.submit(
             Received(
                 dataset=ds,
@@ -383,6 +430,7 @@ class _Child:
                 sop_instance_uid=header["sop_instance_uid"],
                 received=float(header["received"]),
                 calling_aet=header["calling_aet"],
+                durable=durable,
             )
         )
         self.consumed += 1
@@ -410,7 +458,7 @@ class _Child:
         while True:
             if self.pull.poll(int(_TICK_S * 1000)):
                 frames = self.pull.recv_multipart()
-                if frames[0] == b"instance":
+                if frames[0] in (b"instance", b"durable"):
                     self.take(frames)
                 elif frames[0] == b"stop":
                     break

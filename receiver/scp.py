@@ -2,12 +2,14 @@
 
 Handlers are plain functions bound with their collaborators (pynetdicom's
 ``apps/storescp`` shape). A C-STORE handler does no analysis: it checks that
-the instance can be understood, hands it to the ingest thread with an
-unresolved :class:`Durability`, writes it to the spool (fsync'd), and resolves
-the token; only then does the scanner get 0x0000. The ingest thread decodes
-while the write is under way (the fsync waits on the disk, not on Python) and
-assembles the instance only once its token says it is in the spool, so no
-volume is ever made of anything the scanner was not told is safe.
+the instance can be understood, hands it to the ingest with an unresolved
+:class:`Durability`, writes it to the spool (fsync'd), and resolves the
+token; only then does the scanner get 0x0000. No volume is ever made of
+anything the scanner was not told is safe: the ingest thread
+(``receiver.ingest = "thread"``) decodes while the write is under way (the
+fsync waits on the disk, not on Python) and assembles the instance only once
+its token says it is in the spool; the ingest process (the default) is sent
+the instance only once the token resolves.
 
 Status codes returned (PS3.4 Annex B.2.3):
 
@@ -399,7 +401,7 @@ def handle_store(
             calling_aet=calling,
         )
         return STATUS_CANNOT_UNDERSTAND
-    # Decoding starts on the ingest thread while the spool write below runs.
+    # An ingest thread starts decoding while the spool write below runs.
     durable = Durability()
     deliver(
         Received(

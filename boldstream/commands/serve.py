@@ -1,7 +1,8 @@
 """``boldstream serve``: run the DICOM listener and the pipeline until stopped.
 
-Wiring: the receiver's ingest thread hands every assembled volume (and every
-volume given up on) to :meth:`Pipeline.submit`; the pipeline orders them per
+Wiring: the receiver's ingest (a child process by default, ``receiver.ingest``)
+hands every assembled volume (and every volume given up on) to
+:meth:`Pipeline.submit`; the pipeline orders them per
 series, corrects motion, computes QC and publishes the results on its XPUB
 endpoint (``pipeline.pub``), with a snapshot endpoint for late joiners
 (``pipeline.snapshot``). The analysis stages run as supervised processes

@@ -329,8 +329,9 @@ class Pipeline:
     def submit(self, event: Submitted) -> None:
         """Hand one receiver event over; returns at once (never waits on analysis).
 
-        Meant for the receiver's ingest thread; any one thread at a time may call
-        it. ``SeriesEnd`` ends a series (its trailing gaps are flushed).
+        Meant for the receiver's ingest (its thread, or the thread that takes the
+        ingest process' volumes); any one thread at a time may call it.
+        ``SeriesEnd`` ends a series (its trailing gaps are flushed).
         """
         socket: zmq.Socket[Any] | None = getattr(self._local, "socket", None)
         if socket is None:

@@ -156,3 +156,79 @@ def test_when_resolved_runs_once_in_the_resolving_thread() -> None:
     assert seen == [(True, "handler")]
     assert not Durability(stored=False).when_resolved(lambda ok: seen.append((ok, "late")))
     assert len(seen) == 1
+
+
+def _received(path: Path, durable: Durability, spool: Spool) -> tuple[Received, Any]:
+    ds = pydicom.dcmread(path)
+    item = Received(
+        dataset=ds,
+        path=spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        received=time.time(),
+        durable=durable,
+        encoded=path.read_bytes(),
+    )
+    return item, ds
+
+
+def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """Sent before its write to a child that then dies: the verdict goes to no one,
+    and the new child may have scanned the spool before the write ended. The
+    whole instance must then go to the new child."""
+    settings = _settings(tmp_path / "spool")
+    collected = Collected()
+    spool = Spool(settings.receiver.spool_dir)
+    ingest = IngestProcess(settings, spool, collected)
+    ingest.start()
+    try:
+        for path in files[: N_SLICES - 1]:  # stored, as the handler would
+            item, ds = _received(path, Durability(), spool)
+            ingest.submit(item)
+            spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, item.encoded)
+            item.durable.resolve(True)
+        last, ds = _received(files[N_SLICES - 1], Durability(), spool)
+        ingest.submit(last)  # its write is "still under way"
+        first = ingest.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not (ingest.restarts == 1 and ingest.wait_idle(0.1)):
+            assert time.monotonic() < deadline, "the ingest process was not restarted"
+        assert collected.volumes == {}  # the new child recovered 11 of 12 slices
+        spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, last.encoded)
+        last.durable.resolve(True)
+        volumes = collected.wait(1)
+        assert sorted(volumes) == [0]
+        assert volumes[0].data.shape == (20, 18, N_SLICES)
+    finally:
+        ingest.stop()
+
+
+def test_decoding_starts_before_the_write_has_ended(tmp_path: Path, files: list[Path]) -> None:
+    """The child is sent an instance before its verdict and holds it until then."""
+    settings = _settings(tmp_path / "spool")
+    collected = Collected()
+    spool = Spool(settings.receiver.spool_dir)
+    ingest = IngestProcess(settings, spool, collected)
+    ingest.start()
+    try:
+        tokens = []
+        for path in files[:N_SLICES]:
+            item, _ = _received(path, Durability(), spool)
+            ingest.submit(item)
+            tokens.append(item.durable)
+        # Every slice reached the child (counted as consumed) but none is assembled.
+        deadline = time.monotonic() + 20
+        while ingest._consumed < N_SLICES:
+            assert time.monotonic() < deadline, ingest._consumed
+            time.sleep(0.01)
+        assert not ingest.wait_idle(0.3)  # the child waits for the verdicts
+        assert collected.volumes == {}
+        for token in tokens:
+            token.resolve(True)
+        assert sorted(collected.wait(1)) == [0]
+    finally:
+        ingest.stop()
