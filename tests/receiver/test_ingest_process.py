@@ -123,21 +123,10 @@ def test_instance_refused_by_the_spool_never_reaches_the_child(
     ingest.start()
     try:
         for k, path in enumerate(files[:N_SLICES]):
-            ds = pydicom.dcmread(path)
-            durable = Durability()
-            ingest.submit(
-                Received(
-                    dataset=ds,
-                    path=path,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    received=time.time(),
-                    durable=durable,
-                    encoded=path.read_bytes(),
-                )
-            )
+            item, _ = _received(path, Durability(), spool)
+            ingest.submit(item)
             # The last slice "failed to write": volume 0 must not be assembled.
-            durable.resolve(k < N_SLICES - 1)
+            item.durable.resolve(k < N_SLICES - 1)
         assert ingest.wait_idle(20)
         assert ingest.stats.instances == N_SLICES - 1
         assert collected.volumes == {}
