@@ -100,6 +100,7 @@ class IngestProcess:
         self._consumed = 0
         self._idle = False
         self._ready = threading.Event()
+        self._started = False  # a child has been ready once
         self._stopping = False
         self._recovered = 0
         self._rescan = False  # an instance could not be sent: restart to recover it
@@ -153,10 +154,21 @@ class IngestProcess:
         self._thread = threading.Thread(target=self._run, name="boldstream-ingest-rx", daemon=True)
         self._thread.start()
         self._spawn()
-        if not self._ready.wait(self._start_timeout_s):
-            raise ReceiverError(
-                f"the ingest process did not start within {self._start_timeout_s:.0f} s"
-            )
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self._ready.wait(0.05):
+            process = self._process
+            if not process.is_alive():
+                # Not restarted: a child that cannot start will not start next time.
+                self._stopping = True
+                raise ReceiverError(
+                    f"the ingest process exited while starting (exit code {process.exitcode}); "
+                    "see its log lines above"
+                )
+            if time.monotonic() > deadline:
+                self._stopping = True
+                raise ReceiverError(
+                    f"the ingest process did not start within {self._start_timeout_s:.0f} s"
+                )
 
     def stop(self, *, timeout: float = 30.0) -> None:
         """Let the child finish what it was sent, then stop it."""
@@ -325,6 +337,8 @@ class IngestProcess:
                 if process is None or not process.is_alive():
                     return
             elif process is not None and not process.is_alive():
+                if not self._started:
+                    continue  # start() reports a child that dies before it is ready
                 if process.exitcode == -signal.SIGTERM:
                     # Asked to stop (a service manager stopping everything):
                     # what it was sent is in the spool for the next start.
@@ -361,6 +375,7 @@ class IngestProcess:
         elif kind == b"ready":
             report = json.loads(bytes(frames[1].buffer))
             self._recovered += int(report["recovered"])
+            self._started = True
             self._ready.set()
         return False
 

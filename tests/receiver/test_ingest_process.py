@@ -23,6 +23,7 @@ import pytest
 from peers import require_tool
 
 from boldstream.config import load_settings
+from boldstream.errors import ReceiverError
 from boldstream.receiver.ingest_process import IngestProcess
 from boldstream.receiver.scp import Durability, Received
 from boldstream.receiver.service import Receiver
@@ -221,3 +222,20 @@ def test_decoding_starts_before_the_write_has_ended(tmp_path: Path, files: list[
         assert sorted(collected.wait(1)) == [0]
     finally:
         ingest.stop()
+
+
+def test_ingest_process_that_cannot_start_fails_the_start_at_once(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "spool")
+    # A spool the child cannot open (a file where its folder should be).
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    broken = settings.model_copy(
+        update={"receiver": settings.receiver.model_copy(update={"spool_dir": blocker})}
+    )
+    ingest = IngestProcess(broken, Spool(tmp_path / "spool"), Collected())
+    started = time.monotonic()
+    with pytest.raises(ReceiverError, match="exited while starting"):
+        ingest.start()
+    assert time.monotonic() - started < 30
+    assert ingest.restarts == 0
+    ingest.stop()
