@@ -72,7 +72,8 @@ class IngestProcess:
 
     ``emit`` is called on this object's receiving thread with every
     :class:`Volume` / :class:`VolumeIncomplete`. A child that dies is
-    restarted (it recovers from the spool) up to ``max_restarts`` times.
+    restarted (it recovers from the spool) up to ``max_restarts`` times;
+    after that ``on_down`` gets a sentence for the technician.
     """
 
     def __init__(
@@ -84,11 +85,13 @@ class IngestProcess:
         context: zmq.Context[Any] | None = None,
         max_restarts: int = 10,
         start_timeout_s: float = 60.0,
+        on_down: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.restarts = 0
         self._emit = emit
+        self._on_down = on_down
         self._max_restarts = max_restarts
         self._start_timeout_s = start_timeout_s
         self._ctx = context or zmq.Context.instance()
@@ -297,8 +300,18 @@ class IngestProcess:
                 "ingest process gave up after too many restarts; instances are still "
                 "spooled and are assembled when the service restarts",
                 restarts=self.restarts,
+                reason=why,
             )
             self._stopping = True
+            if self._on_down is not None:
+                try:
+                    self._on_down(
+                        f"the receiver's ingest process is down ({why}, "
+                        f"{self.restarts} restarts): instances are stored but not "
+                        "analysed until boldstream restarts"
+                    )
+                except Exception:
+                    self._log.exception("could not report the ingest process down")
             return
         self.restarts += 1
         self._log.error("ingest process restarting", reason=why, restarts=self.restarts)

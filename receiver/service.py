@@ -23,12 +23,18 @@ __all__ = ["Receiver"]
 class Receiver:
     """Owns the receiver's threads; ``emit`` gets every assembled volume or gap."""
 
-    def __init__(self, settings: Settings, emit: Callable[[Emitted], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        emit: Callable[[Emitted], None],
+        *,
+        on_ingest_down: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.spool = Spool(settings.receiver.spool_dir, fsync=settings.receiver.fsync)
         self.ingest: Ingest | IngestProcess
         if settings.receiver.ingest == "process":
-            self.ingest = IngestProcess(settings, self.spool, emit)
+            self.ingest = IngestProcess(settings, self.spool, emit, on_down=on_ingest_down)
         else:
             self.ingest = Ingest(settings, self.spool, emit)
         self.scp = StorageSCP(settings.receiver, self.spool, self.ingest.submit)

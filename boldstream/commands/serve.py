@@ -138,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.pacs.host:
         pacs = PacsExport(settings.pacs, settings.receiver.spool_dir)
         pipeline.add_consumer(pacs.consumer)
-    receiver = Receiver(settings, _emit_to(pipeline, log, fed))
+    receiver = Receiver(
+        settings,
+        _emit_to(pipeline, log, fed),
+        on_ingest_down=lambda text: pipeline.warn(text, "ingest-down"),
+    )
     receiver.start()
     dashboard: Dashboard | None = None
     try:

@@ -351,6 +351,10 @@ class Pipeline:
         """No more volumes of ``series`` will come (replays, demos, tests)."""
         self.submit(SeriesEnd(series, ended=time.time(), n_volumes=n_volumes, reason="complete"))
 
+    def warn(self, text: str, code: str) -> None:
+        """Publish a ``warning`` for the technician that belongs to no series."""
+        self._commands.put(("warn", (text, code)))
+
     def drain(self, timeout: float) -> bool:
         """Wait until everything submitted so far has been published; True if it was."""
         hub = self._hub

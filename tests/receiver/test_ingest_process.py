@@ -239,3 +239,30 @@ def test_ingest_process_that_cannot_start_fails_the_start_at_once(tmp_path: Path
     assert time.monotonic() - started < 30
     assert ingest.restarts == 0
     ingest.stop()
+
+
+def test_ingest_process_that_keeps_dying_is_reported_down(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "spool")
+    reports: list[str] = []
+    ingest = IngestProcess(
+        settings, Spool(tmp_path / "spool"), Collected(), max_restarts=1, on_down=reports.append
+    )
+    ingest.start()
+    try:
+        for _ in range(2):  # the first death is restarted, the second is the last
+            pid = ingest.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while ingest.pid == pid and not reports:
+                assert time.monotonic() < deadline, "the death was not noticed"
+                time.sleep(0.02)
+            assert ingest.wait_idle(30) or reports
+        deadline = time.monotonic() + 10
+        while not reports:
+            assert time.monotonic() < deadline, "never reported down"
+            time.sleep(0.02)
+        assert ingest.restarts == 1
+        assert len(reports) == 1 and "not analysed" in reports[0], reports
+    finally:
+        ingest.stop()
