@@ -284,7 +284,7 @@ class IngestProcess:
         self._process = mp.Process(
             target=_child_main,
             args=(
-                self.settings.model_dump_json(),
+                self.settings.model_dump_json(by_alias=True),
                 self._instances_endpoint,
                 self._results_endpoint,
             ),

@@ -92,3 +92,13 @@ def test_every_setting_is_documented() -> None:
             assert re.search(rf"\| `{key}` \|", text), (
                 f"docs/configuration.md lacks {section}.{key}"
             )
+
+
+def test_settings_survive_json_for_a_child_process() -> None:
+    """The receiver's ingest process gets its settings as JSON (aliases included)."""
+    settings = load_settings(
+        overrides=["logging.json=true", "receiver.port=0", "selector.exclude_image_types=['P']"],
+        environ={},
+    )
+    again = Settings.model_validate_json(settings.model_dump_json(by_alias=True))
+    assert again == settings
