@@ -97,6 +97,7 @@ class IngestProcess:
         self._ctx = context or zmq.Context.instance()
         self._log = get_logger("ingest")
         self._send_lock = threading.Lock()
+        self._life_lock = threading.Lock()  # a restart and stop() do not interleave
         self._sent = 0  # instances handed to the current child
         self._stats = IngestStats()  # the current child's, as last reported
         self._before = IngestStats()  # summed over earlier children
@@ -175,10 +176,11 @@ class IngestProcess:
 
     def stop(self, *, timeout: float = 30.0) -> None:
         """Let the child finish what it was sent, then stop it."""
-        self._stopping = True
-        with self._send_lock, contextlib.suppress(zmq.ZMQError):
-            self._push.send(b"stop", flags=zmq.NOBLOCK)
-        process = self._process
+        with self._life_lock:  # not in the middle of a restart
+            self._stopping = True
+            with self._send_lock, contextlib.suppress(zmq.ZMQError):
+                self._push.send(b"stop", flags=zmq.NOBLOCK)
+            process = self._process
         if process is not None:
             process.join(timeout)
             if process.is_alive():
@@ -202,7 +204,8 @@ class IngestProcess:
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else int(self._process.pid)
+        process = self._process
+        return None if process is None else process.pid
 
     # -- sending (handler threads) -----------------------------------------
     def _new_push(self) -> zmq.Socket[Any]:
@@ -281,7 +284,7 @@ class IngestProcess:
         mp: Any = multiprocessing.get_context("spawn")
         self._ready.clear()
         self._idle = False
-        self._process = mp.Process(
+        process = mp.Process(
             target=_child_main,
             args=(
                 self.settings.model_dump_json(by_alias=True),
@@ -291,10 +294,16 @@ class IngestProcess:
             name="boldstream-ingest",
             daemon=True,
         )
-        self._process.start()
-        self._log.info("ingest process started", pid=self._process.pid)
+        process.start()
+        self._process = process  # only ever a started process: stop() may join it
+        self._log.info("ingest process started", pid=process.pid)
 
     def _restart(self, why: str) -> None:
+        with self._life_lock:
+            if not self._stopping:
+                self._restart_locked(why)
+
+    def _restart_locked(self, why: str) -> None:
         if self.restarts >= self._max_restarts:
             self._log.critical(
                 "ingest process gave up after too many restarts; instances are still "
