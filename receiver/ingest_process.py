@@ -290,6 +290,7 @@ class IngestProcess:
                 self.settings.model_dump_json(by_alias=True),
                 self._instances_endpoint,
                 self._results_endpoint,
+                self._generation,
             ),
             name="boldstream-ingest",
             daemon=True,
@@ -385,6 +386,8 @@ class IngestProcess:
                 self._log.exception("volume consumer failed")
         elif kind == b"progress" or kind == b"bye":
             report = json.loads(bytes(frames[1].buffer))
+            if report["generation"] != self._generation:
+                return False  # queued by a child since replaced
             self._stats = IngestStats(**report["stats"])
             self._consumed = int(report["consumed"])
             self._idle = bool(report["idle"])
@@ -408,7 +411,8 @@ class IngestProcess:
 class _Child:
     """The child's side: sockets, an :class:`Ingest`, and its reports."""
 
-    def __init__(self, settings: Settings, instances: str, results: str) -> None:
+    def __init__(self, settings: Settings, instances: str, results: str, generation: int) -> None:
+        self.generation = generation
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.pull: zmq.Socket[Any] = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, _HWM)
@@ -435,6 +439,7 @@ class _Child:
 
     def report(self, kind: bytes) -> None:
         body = {
+            "generation": self.generation,
             "stats": asdict(self.ingest.stats),
             "consumed": self.consumed,
             "idle": self.ingest.wait_idle(0.0),
@@ -517,12 +522,12 @@ class _Child:
         self.ctx.term()
 
 
-def _child_main(settings_json: str, instances: str, results: str) -> None:
+def _child_main(settings_json: str, instances: str, results: str, generation: int) -> None:
     # Ctrl-C reaches the whole process group; the receiver decides when this stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings.model_validate_json(settings_json)
     configure_logging(level=settings.logging.level, json=settings.logging.json_output)
-    child = _Child(settings, instances, results)
+    child = _Child(settings, instances, results, generation)
     try:
         child.run()
     finally:
