@@ -33,38 +33,31 @@ out again after a restart; downstream keys them by (series, index).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import multiprocessing
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
-import pydicom
 import zmq
 
 from boldstream.config.settings import Settings
 from boldstream.errors import ReceiverError
-from boldstream.logs import configure_logging, get_logger
-from boldstream.receiver.ingest import Emitted, Ingest, IngestStats
-from boldstream.receiver.scp import Durability, Received
+from boldstream.logs import get_logger
+from boldstream.receiver.ingest import Emitted, IngestStats
+from boldstream.receiver.ingest_child import HWM, TICK_S, child_main
+from boldstream.receiver.scp import Received
 from boldstream.receiver.spool import Spool
 from boldstream.stream import codec
-from boldstream.stream.messages import Message
 
 __all__ = ["IngestProcess"]
 
 #: How long a handler waits for the child to take an instance before handing
 #: it to the next child's recovery instead (the child is then restarted).
 SEND_TIMEOUT_S = 10.0
-#: Queued instances the parent holds for a busy child (like Ingest's queue).
-_HWM = 20000
-_TICK_S = 0.1
 
 
 class IngestProcess:
@@ -211,7 +204,7 @@ class IngestProcess:
     def _new_push(self) -> zmq.Socket[Any]:
         push: zmq.Socket[Any] = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.SNDHWM, _HWM)
+        push.setsockopt(zmq.SNDHWM, HWM)
         push.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
         port = push.bind_to_random_port("tcp://127.0.0.1")
         self._instances_endpoint = f"tcp://127.0.0.1:{port}"
@@ -285,7 +278,7 @@ class IngestProcess:
         self._ready.clear()
         self._idle = False
         process = mp.Process(
-            target=_child_main,
+            target=child_main,
             args=(
                 self.settings.model_dump_json(by_alias=True),
                 self._instances_endpoint,
@@ -343,9 +336,9 @@ class IngestProcess:
         self._spawn()
 
     def _run(self) -> None:
-        next_check = time.monotonic() + _TICK_S
+        next_check = time.monotonic() + TICK_S
         while True:
-            if self._pull.poll(int(_TICK_S * 1000)):
+            if self._pull.poll(int(TICK_S * 1000)):
                 frames = self._pull.recv_multipart(copy=False)
                 try:
                     if self._handle(frames):
@@ -354,7 +347,7 @@ class IngestProcess:
                     self._log.exception("message from the ingest process not understood")
             if time.monotonic() < next_check:
                 continue
-            next_check = time.monotonic() + _TICK_S
+            next_check = time.monotonic() + TICK_S
             process = self._process
             if self._stopping:
                 if process is None or not process.is_alive():
@@ -403,132 +396,3 @@ class IngestProcess:
             self._started = True
             self._ready.set()
         return False
-
-
-# --------------------------------------------------------------------------- the child
-
-
-class _Child:
-    """The child's side: sockets, an :class:`Ingest`, and its reports."""
-
-    def __init__(self, settings: Settings, instances: str, results: str, generation: int) -> None:
-        self.generation = generation
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.pull: zmq.Socket[Any] = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, _HWM)
-        self.pull.connect(instances)
-        self.push: zmq.Socket[Any] = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 30000)
-        self.push.connect(results)
-        self.lock = threading.Lock()
-        self.consumed = 0
-        self.orphaned = False
-        #: Instances sent before their durable write, waiting for its verdict.
-        self.pending: dict[int, Durability] = {}
-        # The parent's handlers write into .incoming right now: leave it alone.
-        spool = Spool(
-            settings.receiver.spool_dir, fsync=settings.receiver.fsync, clean_incoming=False
-        )
-        self.ingest = Ingest(settings, spool, self.emit)
-        self.log = get_logger("ingest", pid=os.getpid())
-
-    def emit(self, event: Emitted) -> None:
-        frames = codec.encode(Message(payload=event))
-        with self.lock:
-            self.push.send_multipart([b"event", *frames], copy=False)
-
-    def report(self, kind: bytes) -> None:
-        body = {
-            "generation": self.generation,
-            "stats": asdict(self.ingest.stats),
-            "consumed": self.consumed,
-            "idle": self.ingest.wait_idle(0.0),
-        }
-        with self.lock:
-            self.push.send_multipart([kind, json.dumps(body).encode()])
-
-    def take(self, frames: list[bytes]) -> None:
-        """An instance or a verdict on one."""
-        if frames[0] == b"durable":
-            token = self.pending.pop(int(frames[1]), None)
-            if token is not None:
-                token.resolve(frames[2] == b"1")
-            return
-        header = json.loads(frames[1])
-        durable = Durability() if header["pending"] else Durability(stored=True)
-        try:
-            ds = pydicom.dcmread(io.BytesIO(frames[2]))
-        except Exception as exc:  # the handler parsed it once; should not happen
-            self.log.error("instance unreadable", path=header["path"], error=str(exc))
-            self.consumed += 1
-            return
-        if header["pending"]:
-            self.pending[int(header["token"])] = durable
-        self.ingest.submit(
-            Received(
-                dataset=ds,
-                path=Path(header["path"]),
-                sop_class_uid=header["sop_class_uid"],
-                sop_instance_uid=header["sop_instance_uid"],
-                received=float(header["received"]),
-                calling_aet=header["calling_aet"],
-                durable=durable,
-            )
-        )
-        self.consumed += 1
-
-    def run(self) -> None:
-        parent = os.getppid()
-        with self.lock:
-            self.push.send(b"hello")
-        early: list[list[bytes]] = []
-        while True:  # until the parent's socket is attached to this child
-            frames = self.pull.recv_multipart()
-            if frames[0] == b"sync":
-                break
-            if frames[0] == b"stop":
-                self.report(b"bye")
-                return
-            early.append(frames)
-        recovered = self.ingest.recover()
-        self.ingest.start()
-        for frames in early:
-            self.take(frames)
-        with self.lock:
-            self.push.send_multipart([b"ready", json.dumps({"recovered": recovered}).encode()])
-        next_report = time.monotonic() + _TICK_S
-        while True:
-            if self.pull.poll(int(_TICK_S * 1000)):
-                frames = self.pull.recv_multipart()
-                if frames[0] in (b"instance", b"durable"):
-                    self.take(frames)
-                elif frames[0] == b"stop":
-                    break
-            if time.monotonic() >= next_report:
-                self.report(b"progress")
-                next_report = time.monotonic() + _TICK_S
-                if os.getppid() != parent:
-                    # Nothing to drain to: what it holds is in the spool, for the
-                    # next service's recovery.
-                    self.log.error("receiver process gone; ingest process exits")
-                    self.orphaned = True
-                    return
-        self.ingest.stop()
-        self.report(b"bye")
-
-    def close(self) -> None:
-        self.pull.close(0)
-        self.push.close(0 if self.orphaned else None)
-        self.ctx.term()
-
-
-def _child_main(settings_json: str, instances: str, results: str, generation: int) -> None:
-    # Ctrl-C reaches the whole process group; the receiver decides when this stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    settings = Settings.model_validate_json(settings_json)
-    configure_logging(level=settings.logging.level, json=settings.logging.json_output)
-    child = _Child(settings, instances, results, generation)
-    try:
-        child.run()
-    finally:
-        child.close()
