@@ -10,11 +10,13 @@ lost, and it does not outlive the receiver.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,20 @@ def _settings(spool: Path) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _running(tmp_path: Path, **options: Any) -> Iterator[tuple[IngestProcess, Collected, Spool]]:
+    """A started IngestProcess on a spool under ``tmp_path``; stopped afterwards."""
+    settings = _settings(tmp_path / "spool")
+    collected = Collected()
+    spool = Spool(settings.receiver.spool_dir)
+    ingest = IngestProcess(settings, spool, collected, **options)
+    ingest.start()
+    try:
+        yield ingest, collected, spool
+    finally:
+        ingest.stop()
+
+
 def _storescu(port: int, files: list[Path]) -> None:
     done = subprocess.run(
         [require_tool("storescu"), "-aet", "SCANNER", "-aec", "BOLDSTREAM", "127.0.0.1",
@@ -117,12 +133,7 @@ def test_killed_ingest_process_is_restarted_and_every_volume_comes(
 def test_instance_refused_by_the_spool_never_reaches_the_child(
     tmp_path: Path, files: list[Path]
 ) -> None:
-    settings = _settings(tmp_path / "spool")
-    collected = Collected()
-    spool = Spool(settings.receiver.spool_dir)
-    ingest = IngestProcess(settings, spool, collected)
-    ingest.start()
-    try:
+    with _running(tmp_path) as (ingest, collected, spool):
         for k, path in enumerate(files[:N_SLICES]):
             item, _ = _received(path, Durability(), spool)
             ingest.submit(item)
@@ -131,8 +142,6 @@ def test_instance_refused_by_the_spool_never_reaches_the_child(
         assert ingest.wait_idle(20)
         assert ingest.stats.instances == N_SLICES - 1
         assert collected.volumes == {}
-    finally:
-        ingest.stop()
 
 
 def test_when_resolved_runs_once_in_the_resolving_thread() -> None:
@@ -168,12 +177,7 @@ def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
     """Sent before its write to a child that then dies: the verdict goes to no one,
     and the new child may have scanned the spool before the write ended. The
     whole instance must then go to the new child."""
-    settings = _settings(tmp_path / "spool")
-    collected = Collected()
-    spool = Spool(settings.receiver.spool_dir)
-    ingest = IngestProcess(settings, spool, collected)
-    ingest.start()
-    try:
+    with _running(tmp_path) as (ingest, collected, spool):
         for path in files[: N_SLICES - 1]:  # stored, as the handler would
             item, ds = _received(path, Durability(), spool)
             ingest.submit(item)
@@ -193,18 +197,11 @@ def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
         volumes = collected.wait(1)
         assert sorted(volumes) == [0]
         assert volumes[0].data.shape == (20, 18, N_SLICES)
-    finally:
-        ingest.stop()
 
 
 def test_decoding_starts_before_the_write_has_ended(tmp_path: Path, files: list[Path]) -> None:
     """The child is sent an instance before its verdict and holds it until then."""
-    settings = _settings(tmp_path / "spool")
-    collected = Collected()
-    spool = Spool(settings.receiver.spool_dir)
-    ingest = IngestProcess(settings, spool, collected)
-    ingest.start()
-    try:
+    with _running(tmp_path) as (ingest, collected, spool):
         tokens = []
         for path in files[:N_SLICES]:
             item, _ = _received(path, Durability(), spool)
@@ -220,8 +217,6 @@ def test_decoding_starts_before_the_write_has_ended(tmp_path: Path, files: list[
         for token in tokens:
             token.resolve(True)
         assert sorted(collected.wait(1)) == [0]
-    finally:
-        ingest.stop()
 
 
 def test_ingest_process_that_cannot_start_fails_the_start_at_once(tmp_path: Path) -> None:
@@ -242,13 +237,8 @@ def test_ingest_process_that_cannot_start_fails_the_start_at_once(tmp_path: Path
 
 
 def test_ingest_process_that_keeps_dying_is_reported_down(tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "spool")
     reports: list[str] = []
-    ingest = IngestProcess(
-        settings, Spool(tmp_path / "spool"), Collected(), max_restarts=1, on_down=reports.append
-    )
-    ingest.start()
-    try:
+    with _running(tmp_path, max_restarts=1, on_down=reports.append) as (ingest, _, _):
         for _ in range(2):  # the first death is restarted, the second is the last
             pid = ingest.pid
             assert pid is not None
@@ -264,5 +254,3 @@ def test_ingest_process_that_keeps_dying_is_reported_down(tmp_path: Path) -> Non
             time.sleep(0.02)
         assert ingest.restarts == 1
         assert len(reports) == 1 and "not analysed" in reports[0], reports
-    finally:
-        ingest.stop()
