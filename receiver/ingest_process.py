@@ -17,10 +17,10 @@ pickle):
   instance that could not be sent early, or went to a child that has since
   been replaced, is sent whole after its write instead. ``[b"sync"]``
   answers a child's ``hello``; ``[b"stop"]`` follows the last instance.
-- child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready", JSON]`` once its
+- child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready"]`` once its
   recovery is queued, ``[b"event", *codec frames]`` per assembled volume or
-  incomplete-volume report, ``[b"progress", JSON]`` every tick and when it
-  stops.
+  incomplete-volume report, ``[b"progress", JSON]`` every tick and
+  ``[b"bye", JSON]`` (the same report) when it stops.
 
 Nothing accepted is lost when the child dies: every instance it was sent is
 in the spool, in a series the spool has not closed, and a new child re-reads
@@ -99,7 +99,6 @@ class IngestProcess:
         self._ready = threading.Event()
         self._started = False  # a child has been ready once
         self._stopping = False
-        self._recovered = 0
         self._rescan = False  # an instance could not be sent: restart to recover it
         self._generation = 0  # bumped with each new child's socket
         self._tokens = 0  # numbers instances so that their verdicts find them
@@ -391,8 +390,6 @@ class IngestProcess:
             with self._send_lock:
                 self._push.send(b"sync")
         elif kind == b"ready":
-            report = json.loads(bytes(frames[1].buffer))
-            self._recovered += int(report["recovered"])
             self._started = True
             self._ready.set()
         return False

@@ -9,7 +9,8 @@ anything the scanner was not told is safe: the ingest thread
 (``receiver.ingest = "thread"``) decodes while the write is under way (the
 fsync waits on the disk, not on Python) and assembles the instance only once
 its token says it is in the spool; the ingest process (the default) is sent
-the instance only once the token resolves.
+the instance while the write runs and the token's verdict after it, and
+assembles the instance only after a positive verdict.
 
 Status codes returned (PS3.4 Annex B.2.3):
 
@@ -102,7 +103,7 @@ class Durability:
         """Call ``then(stored)`` in the resolving thread; False if already resolved.
 
         For one consumer that registers before the handler's write returns
-        (the ingest process, which must not see an instance before it is safe).
+        (the ingest process, which sends the child the verdict from here).
         """
         if self._done.is_set():
             return False
