@@ -104,7 +104,7 @@ class Ingest:
             sop_class = str(meta.MediaStorageSOPClassUID) if meta is not None else ""
             self.submit(
                 Received(
-                    dataset=ds,
+                    decoded=ds,
                     path=path,
                     sop_class_uid=sop_class or str(ds.get("SOPClassUID", "")),
                     sop_instance_uid=str(ds.get("SOPInstanceUID", path.stem)),
@@ -199,7 +199,16 @@ class Ingest:
             )
 
     def _process(self, item: Received) -> None:
-        uid = str(item.dataset.get("SeriesInstanceUID", ""))
+        try:
+            uid = str(item.dataset.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # the handler walked it, so pydicom should read it
+            if self._wait_durable(item):
+                self.stats.instances += 1
+                self.stats.undecodable += 1
+                self._log.error(
+                    "instance stored but cannot be read", path=str(item.path), error=str(exc)
+                )
+            return
         selection = self._selection(uid, item)
         fragments: list[Fragment] = []
         problem: DicomInputError | None = None

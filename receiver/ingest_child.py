@@ -98,7 +98,7 @@ class _Child:
             self.pending[int(header["token"])] = durable
         self.ingest.submit(
             Received(
-                dataset=ds,
+                decoded=ds,
                 path=Path(header["path"]),
                 sop_class_uid=header["sop_class_uid"],
                 sop_instance_uid=header["sop_instance_uid"],

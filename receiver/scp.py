@@ -33,6 +33,7 @@ accept does nothing). See docs/scanner-setup.md for the sender side.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import socket
 import ssl
@@ -40,9 +41,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import (
@@ -55,6 +58,8 @@ from boldstream.config.settings import ReceiverSettings
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
 from boldstream.receiver.association import PromptRequestHandler
+from boldstream.receiver.header import header_from_dataset, pixel_data_problem, scan_header
+from boldstream.receiver.part10 import part10_bytes
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
 __all__ = [
@@ -117,15 +122,17 @@ class Durability:
         return self._stored
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Received:
     """One accepted instance on its way to assembly.
 
     ``durable`` says when it is safely in the spool (already resolved for
-    instances re-read from the spool).
+    instances re-read from the spool). The handler never decodes the dataset
+    (it reads what it checks with :func:`scan_header`); :attr:`dataset`
+    parses ``encoded`` on first use, on the ingest's thread, unless a
+    decoded one was given as ``decoded``.
     """
 
-    dataset: Dataset
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
@@ -135,8 +142,17 @@ class Received:
     #: True when re-read from the spool after a restart.
     recovered: bool = False
     durable: Durability = field(default_factory=lambda: Durability(stored=True))
-    #: The instance as written to the spool (what the ingest process is sent).
+    #: The instance as written to the spool, a Part 10 file (what the ingest
+    #: process is sent).
     encoded: bytes = b""
+    decoded: Dataset | None = field(default=None, repr=False)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The decoded instance (raises what pydicom raises on a corrupt one)."""
+        if self.decoded is not None:
+            return self.decoded
+        return dcmread(io.BytesIO(self.encoded))
 
 
 @dataclass
@@ -324,44 +340,6 @@ def _association_request_problem(head: bytes) -> str | None:
     return None
 
 
-def _pixel_data_problem(ds: Dataset) -> str | None:
-    """Why native Pixel Data does not match Rows x Columns x frames, or None.
-
-    Only uncompressed transfer syntaxes are checked (an encapsulated stream's
-    size is its codec's business). The value may carry one pad byte to reach
-    an even length; anything shorter or longer means the header does not
-    describe the pixels (a cut or corrupt instance), and spooling it would
-    only store garbage.
-    """
-    if "PixelData" not in ds:
-        return None
-    meta = getattr(ds, "file_meta", None)
-    transfer = meta.get("TransferSyntaxUID") if meta is not None else None
-    if transfer is None or not transfer.is_transfer_syntax or transfer.is_compressed:
-        return None
-    try:
-        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (AttributeError, TypeError, ValueError):
-        return "Rows, Columns or BitsAllocated missing or not a number: pixel data undescribed"
-    if min(rows, cols, bits, samples, frames) < 1:
-        return (
-            f"pixel description is empty (Rows={rows}, Columns={cols}, BitsAllocated={bits}, "
-            f"SamplesPerPixel={samples}, NumberOfFrames={frames})"
-        )
-    needed = (rows * cols * frames * samples * bits + 7) // 8
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
-        needed = needed // 3 * 2  # chroma subsampled in the native encoding
-    have = len(ds.PixelData or b"")
-    if needed <= have <= needed + (needed & 1):
-        return None
-    shape = f"{rows}x{cols}x{frames} pixels of {samples}x{bits} bits"
-    if have < needed:
-        return f"pixel data is {have} bytes but {shape} need {needed}: truncated instance"
-    return f"pixel data is {have} bytes but {shape} need {needed}: header and pixels disagree"
-
-
 def handle_store(
     event: evt.Event,
     spool: Spool,
@@ -372,20 +350,26 @@ def handle_store(
     """EVT_C_STORE: validate, write durably, enqueue, answer."""
     received = time.time()
     calling = event.assoc.requestor.ae_title
-    sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-    sop_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
+    request = event.request
+    sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "")
+    sop_class = str(getattr(request, "AffectedSOPClassUID", "") or "")
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        sop_uid = check_uid(sop_uid or ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        study = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        if "PixelData" not in ds and sop_class.startswith("1.2.840.10008.5.1.4.1.1.4"):
+        transfer = str(event.context.transfer_syntax)
+        dataset = event.encoded_dataset(include_meta=False)
+        header = scan_header(dataset, transfer)
+        if header is None:  # not a stream the fast path reads: pydicom decides
+            header = header_from_dataset(event.dataset, transfer)
+        sop_uid = check_uid(sop_uid or header.sop_instance_uid, "SOPInstanceUID")
+        study = check_uid(header.study_uid, "StudyInstanceUID")
+        series = check_uid(header.series_uid, "SeriesInstanceUID")
+        if not header.has_pixel_data and sop_class.startswith("1.2.840.10008.5.1.4.1.1.4"):
             raise DicomInputError("MR image without Pixel Data: truncated or not an image")
-        problem = _pixel_data_problem(ds)
+        problem = pixel_data_problem(header)
         if problem is not None:
             raise DicomInputError(problem)
-        encoded = event.encoded_dataset()
+        encoded = part10_bytes(
+            dataset, sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=transfer
+        )
     except DicomInputError as exc:
         stats.add(rejected=1)
         log.warning(
@@ -406,7 +390,6 @@ def handle_store(
     durable = Durability()
     deliver(
         Received(
-            dataset=ds,
             path=spool.path_for(study, series, sop_uid),
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,

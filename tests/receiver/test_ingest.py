@@ -47,7 +47,7 @@ class Run:
     def submit(self, ds: Any, durable: Durability) -> None:
         self.ingest.submit(
             Received(
-                dataset=ds,
+                decoded=ds,
                 path=Path("/nowhere") / f"{ds.SOPInstanceUID}.dcm",
                 sop_class_uid=str(ds.SOPClassUID),
                 sop_instance_uid=str(ds.SOPInstanceUID),

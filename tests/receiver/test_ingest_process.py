@@ -160,7 +160,7 @@ def test_when_resolved_runs_once_in_the_resolving_thread() -> None:
 def _received(path: Path, durable: Durability, spool: Spool) -> tuple[Received, Any]:
     ds = pydicom.dcmread(path)
     item = Received(
-        dataset=ds,
+        decoded=ds,
         path=spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
         sop_class_uid=str(ds.SOPClassUID),
         sop_instance_uid=str(ds.SOPInstanceUID),
