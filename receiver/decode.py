@@ -140,6 +140,8 @@ _READ_KEYWORDS = [
     "Rows",
     "Columns",
     "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "PixelSpacing",

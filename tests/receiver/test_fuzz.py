@@ -419,6 +419,9 @@ def _slice(builders: ModuleType, changes: list[tuple[str, bytes | None]]) -> Dat
         # pydicom raised on first access: BytesLengthException; AttributeError
         # (the VR of implicit Pixel Data depends on an absent BitsAllocated).
         ([("Rows", b"\x00\x00\x00")], "Rows cannot be read"),
+        # Read by the native pixel path only, once left out of the up-front reads.
+        ([("PixelRepresentation", b"\x00" * 19)], "PixelRepresentation cannot be read"),
+        ([("BitsStored", b"\x00" * 3)], "BitsStored cannot be read"),
         ([("PixelData", b""), ("BitsAllocated", None)], "PixelData cannot be read.*BitsAllocated"),
         # UID.is_compressed raises ValueError for a UID that is no transfer syntax.
         ([], "unknown transfer syntax"),
