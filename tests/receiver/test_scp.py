@@ -93,6 +93,31 @@ def test_storescu_instance_is_spooled_before_success(scp: Harness, pydicom_data:
     assert scp.scp.stats.snapshot()["accepted"] == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "extra", "syntax"),
+    [
+        ("MR_small.dcm", ("-xe",), "1.2.840.10008.1.2.1"),  # the handler walks the bytes
+        ("MR_small.dcm", ("-xi",), "1.2.840.10008.1.2"),  # the handler walks the bytes
+        ("MR_small.dcm", ("-xd",), "1.2.840.10008.1.2.1.99"),  # deflated: pydicom decodes
+    ],
+)
+def test_every_transfer_syntax_storescu_sends_is_stored_as_sent(
+    scp: Harness, pydicom_data: Path, name: str, extra: tuple[str, ...], syntax: str
+) -> None:
+    src = pydicom_data / name
+    out = scp.storescu(src, extra=extra)
+    assert out.returncode == 0, out.stderr
+    ds = pydicom.dcmread(src)
+    path = scp.spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == syntax
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.pixel_array.tobytes() == ds.pixel_array.tobytes()
+    (received,) = scp.received
+    assert received.encoded == path.read_bytes()
+    assert received.dataset.SeriesInstanceUID == ds.SeriesInstanceUID  # parsed on demand
+
+
 def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data: Path) -> None:
     src = pydicom_data / "MR_small.dcm"
     assert scp.storescu(src).returncode == 0
