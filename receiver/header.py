@@ -151,8 +151,12 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
         if pos + length > end:
             raise _UnwalkableError("value runs past the end")
         if tag in _TEXT:
+            if vr not in (b"", b"UI", b"CS", b"IS"):
+                raise _UnwalkableError("a checked element with an unexpected VR")
             values[tag] = _text(data[pos : pos + length])
-        elif tag in _SHORT and length >= 2 and vr in (b"", b"US"):
+        elif tag in _SHORT:
+            if vr not in (b"", b"US") or length != 2:
+                raise _UnwalkableError("a checked element that is not one US")
             values[tag] = _US.unpack_from(data, pos)[0]
         elif tag == _PIXEL_DATA:
             has_pixels, pixel_bytes = True, length

@@ -228,6 +228,21 @@ def test_irregular_streams_are_left_to_pydicom(damage: object) -> None:
     assert scan_header(damage(data), ExplicitVRLittleEndian) is None  # type: ignore[operator]
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x10\x00UN\x00\x00\x02\x00\x00\x00"),
+        (b"\x28\x00\x10\x00US\x02\x00\x03\x00", b"\x28\x00\x10\x00US\x04\x00\x03\x00\x03\x00"),
+    ],
+    ids=["Rows as UN", "two Rows"],
+)
+def test_checked_elements_in_an_unexpected_form_are_left_to_pydicom(old: bytes, new: bytes) -> None:
+    """pydicom reads a UN Rows by its dictionary VR; the walk would not."""
+    data = _encode(_image(), ExplicitVRLittleEndian)
+    assert old in data
+    assert scan_header(data.replace(old, new, 1), ExplicitVRLittleEndian) is None
+
+
 def test_native_pixels_under_a_compressed_syntax_are_left_to_pydicom() -> None:
     data = _encode(_image(), ExplicitVRLittleEndian)
     assert scan_header(data, "1.2.840.10008.1.2.4.50") is None
