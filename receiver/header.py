@@ -36,7 +36,6 @@ _VRS = _LONG_VRS | frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
 )
 
-_SOP_CLASS = 0x00080016
 _SOP_INSTANCE = 0x00080018
 _STUDY = 0x0020000D
 _SERIES = 0x0020000E
@@ -47,7 +46,7 @@ _ROWS = 0x00280010
 _COLUMNS = 0x00280011
 _BITS = 0x00280100
 _PIXEL_DATA = 0x7FE00010
-_TEXT = frozenset((_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _PHOTOMETRIC, _FRAMES))
+_TEXT = frozenset((_SOP_INSTANCE, _STUDY, _SERIES, _PHOTOMETRIC, _FRAMES))
 _SHORT = frozenset((_SAMPLES, _ROWS, _COLUMNS, _BITS))
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -65,7 +64,6 @@ class _UnwalkableError(Exception):
 class InstanceHeader:
     """The values the handler checks; ``None`` where the element is absent."""
 
-    sop_class_uid: str | None
     sop_instance_uid: str | None
     study_uid: str | None
     series_uid: str | None
@@ -144,9 +142,8 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
         if tag >> 16 == 0xFFFE:
             raise _UnwalkableError("item or delimiter outside a sequence")
         if length == _UNDEFINED:
-            if tag == _PIXEL_DATA:
-                has_pixels = True
-            pos = _skip_items(data, pos, explicit and vr != b"UN")
+            has_pixels = has_pixels or tag == _PIXEL_DATA  # encapsulated
+            pos = _skip_value(data, pos, vr, length, explicit)
             continue
         if pos + length > end:
             raise _UnwalkableError("value runs past the end")
@@ -173,7 +170,6 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
         return value if isinstance(value, int) else None
 
     return InstanceHeader(
-        sop_class_uid=text(_SOP_CLASS),
         sop_instance_uid=text(_SOP_INSTANCE),
         study_uid=text(_STUDY),
         series_uid=text(_SERIES),
@@ -237,7 +233,6 @@ def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
         return (str(value).strip("\x00 ") or None) if value is not None else None
 
     return InstanceHeader(
-        sop_class_uid=uid("SOPClassUID"),
         sop_instance_uid=uid("SOPInstanceUID"),
         study_uid=uid("StudyInstanceUID"),
         series_uid=uid("SeriesInstanceUID"),

@@ -5,7 +5,7 @@ a pydicom dataset and encodes it for every instance (about 0.2 ms of
 interpreter time on the thread the scanner waits on). The group is always
 the same seven elements in Explicit VR Little Endian, so :func:`part10_bytes`
 writes it with :mod:`struct`, byte for byte what pynetdicom writes
-(``tests/receiver/test_part10.py`` compares the two), followed by the
+(``tests/receiver/test_header.py`` compares the two), followed by the
 dataset exactly as it arrived.
 """
 
