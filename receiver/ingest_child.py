@@ -11,7 +11,6 @@ when told to stop or when its parent is gone. The protocol is described in
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -21,7 +20,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import zmq
 
 from boldstream.config.settings import Settings
@@ -88,23 +86,17 @@ class _Child:
             return
         header = json.loads(frames[1])
         durable = Durability() if header["pending"] else Durability(stored=True)
-        try:
-            ds = pydicom.dcmread(io.BytesIO(frames[2]))
-        except Exception as exc:  # the handler parsed it once; should not happen
-            self.log.error("instance unreadable", path=header["path"], error=str(exc))
-            self.consumed += 1
-            return
         if header["pending"]:
             self.pending[int(header["token"])] = durable
         self.ingest.submit(
-            Received(
-                decoded=ds,
+            Received(  # parsed on the ingest thread, which reports an unreadable one
                 path=Path(header["path"]),
                 sop_class_uid=header["sop_class_uid"],
                 sop_instance_uid=header["sop_instance_uid"],
                 received=float(header["received"]),
                 calling_aet=header["calling_aet"],
                 durable=durable,
+                encoded=frames[2],
             )
         )
         self.consumed += 1
