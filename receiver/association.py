@@ -15,20 +15,39 @@ network thread and the idle timeout are still seen within ``poll_s``) instead
 of sleeping first. The pause checkpoint that pynetdicom's ``send_*`` methods
 rely on is kept where pynetdicom has it: before a message is taken.
 
-Nothing else of pynetdicom is changed: :class:`PromptRequestHandler` lets
-pynetdicom build and configure the association, then gives the instance this
-subclass's reactor. The tests run every receiver test through it, and
-``tests/receiver/test_association.py`` checks release, abort and idle timeout.
+:class:`PromptRequestHandler` lets pynetdicom build and configure the
+association, then gives the instance this subclass's reactor and
+:class:`~boldstream.receiver.dimse.LeanDIMSEServiceProvider`, which sends
+plain C-STORE responses without pydicom (see that module). When the
+``pynetdicom`` logger prints nothing below WARNING (the default, see
+:func:`boldstream.logs.configure_logging`) it also unbinds pynetdicom's
+"standard" tracing handlers: bound to every PDU and DIMSE message sent or
+received, they read each command set through pydicom and format a
+description for that logger at INFO and DEBUG whether it prints them or
+not. With ``logging.level = "debug"`` they stay bound.
+
+Every receiver test runs through this handler; ``tests/receiver/
+test_association.py`` checks release, abort, idle timeout and the tracing
+handlers, ``tests/receiver/test_dimse.py`` the responses.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
+
+from boldstream.receiver.dimse import LeanDIMSEServiceProvider
 
 __all__ = ["PromptAssociation", "PromptRequestHandler"]
 
@@ -87,10 +106,22 @@ class PromptAssociation(Association):
                 return
 
 
+_TRACING = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
 class PromptRequestHandler(RequestHandler):
     """pynetdicom's connection handler, making :class:`PromptAssociation` acceptors."""
 
     def _create_association(self) -> Association:
         assoc: Any = super()._create_association()
         assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
+        assoc.dimse.__class__ = LeanDIMSEServiceProvider
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in _TRACING:
+                assoc.unbind(event, handler)
         return assoc  # type: ignore[no-any-return]

@@ -9,18 +9,20 @@ once, and an association idle past ``network_timeout_s`` is ended.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from structlog.testing import capture_logs
 
 from boldstream.config import load_settings
 from boldstream.receiver.association import PromptAssociation
+from boldstream.receiver.dimse import LeanDIMSEServiceProvider
 from boldstream.receiver.scp import StorageSCP
 from boldstream.receiver.spool import Spool
 
@@ -78,6 +80,32 @@ def test_accepted_association_uses_the_prompt_reactor(scp: StorageSCP) -> None:
             assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+
+
+@pytest.mark.parametrize("pynetdicom_level", [logging.WARNING, logging.DEBUG])
+def test_tracing_handlers_are_bound_only_when_pynetdicom_logs_them(
+    scp: StorageSCP, pynetdicom_level: int
+) -> None:
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(pynetdicom_level)
+    try:
+        assoc = _associate(scp.port)
+        try:
+            _wait(lambda: _server_associations(scp))
+            (server_side,) = _server_associations(scp)
+            assert isinstance(server_side.dimse, LeanDIMSEServiceProvider)
+            events = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
+            tracing = [server_side.get_handlers(e) for e in events]
+            if pynetdicom_level == logging.DEBUG:
+                assert all(tracing)
+            else:
+                assert not any(tracing)
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        logger.setLevel(before)
 
 
 def test_release_after_idle_is_answered_at_once(scp: StorageSCP) -> None:
