@@ -1,35 +1,51 @@
-"""C-STORE responses encoded with ``struct`` instead of pydicom.
+"""C-STORE requests read and responses written with ``struct`` instead of pydicom.
 
-pynetdicom turns every response primitive into a DIMSE message by building a
-pydicom :class:`~pydicom.dataset.Dataset` of the command set, validating each
-value as it is set, encoding the set twice (once to learn the group length)
-and fragmenting it. For the C-STORE-RSP that answers each instance that is
-about 0.4 ms of interpreter time, spent while the scanner waits for the
-answer before it sends the next instance.
+pynetdicom turns every DIMSE message into a pydicom
+:class:`~pydicom.dataset.Dataset` of its command set and back. For a response
+it builds the dataset, validates each value as it is set, encodes the set
+twice (once to learn the group length) and fragments it: about 0.4 ms of
+interpreter time per instance, spent while the scanner waits for the answer
+before it sends the next instance. For a request it decodes the command set
+with pydicom and copies each element into the primitive (about 0.1 ms).
 
-:class:`LeanDIMSEServiceProvider` writes the same bytes directly for the
-common case: a C-STORE response whose command set fits one PDV, carrying a
-status and none of the optional Offending Element or Error Comment, on an
-association where no ``EVT_DIMSE_SENT`` handler is bound (that event hands
-handlers pynetdicom's message object, which this path does not build).
-Anything else goes to pynetdicom's own :meth:`send_msg` unchanged. The
-command set is Implicit VR Little Endian (PS3.7 6.3.1); element order and
-padding follow pynetdicom's encoder, and the tests compare the two byte for
-byte.
+:class:`LeanDIMSEServiceProvider` does both directly for the common case and
+hands everything else to pynetdicom unchanged:
+
+- Responses: a C-STORE response whose command set fits one PDV, carrying a
+  status and none of the optional Offending Element or Error Comment, is
+  written with ``struct``, byte for byte what pynetdicom writes (element
+  order, padding; the tests compare them).
+- Requests: a message whose whole command set comes in the first PDV of a
+  P-DATA primitive, and is a C-STORE-RQ with a data set and exactly the
+  elements PS3.7 9.3.1.1 requires (no Move Originator), is read with
+  ``struct``; the primitive is then filled through pynetdicom's own setters
+  (which validate the UIDs as they do for pynetdicom's path) and queued as
+  pynetdicom queues it. Data-set fragments are collected as pynetdicom
+  collects them.
+
+Neither path is taken when a handler is bound to ``EVT_DIMSE_SENT`` or
+``EVT_DIMSE_RECV`` (those events hand pynetdicom's message object to the
+handler), or when pynetdicom is set to write received data sets to files
+(``STORE_RECV_CHUNKED_DATASET``). The command set is Implicit VR Little
+Endian (PS3.7 6.3.1).
 """
 
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from boldstream.logs import get_logger
+
 __all__ = ["LeanDIMSEServiceProvider", "encode_store_response"]
 
+_C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 #: Message Control Header of a PDV holding a whole command set (PS3.8 E.2).
@@ -74,8 +90,124 @@ def encode_store_response(
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
+#: The elements of a C-STORE-RQ command set (PS3.7 Table 9.3-1) without the
+#: optional Move Originator pair, by element number in group 0000.
+_STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+_STORE_RQ_REQUIRED = _STORE_RQ_ELEMENTS - {0x0000}  # the group length is optional
+_US_ELEMENTS = (0x0100, 0x0110, 0x0700, 0x0800)
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_LOG = get_logger("dimse")
+_US = struct.Struct("<H")
+
+
+def read_store_request(command: bytes) -> dict[int, Any] | None:
+    """The values of a plain C-STORE-RQ command set, or None for any other message.
+
+    Keys are element numbers of group 0000: the UIDs (0002, 1000) as text
+    without trailing NULs or spaces, as pydicom reads them, and the US
+    values (0100, 0110, 0700, 0800) as ints. None when the command set is
+    not a C-STORE-RQ with a data set, has an element other than the
+    required ones, repeats one, lacks one, or cannot be walked to its last
+    byte: pynetdicom then reads it, and judges it, as it always has.
+    """
+    values: dict[int, Any] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if offset + 8 > end:
+            return None
+        group, element, length = _ELEMENT_HEADER.unpack_from(command, offset)
+        offset += 8
+        if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values:
+            return None
+        if offset + length > end:
+            return None
+        raw = command[offset : offset + length]
+        offset += length
+        if element in _US_ELEMENTS:
+            if length != 2:
+                return None
+            values[element] = _US.unpack(raw)[0]
+        elif element == 0x0000:
+            values[element] = raw
+        else:
+            try:
+                text = raw.decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                return None
+            if "\\" in text:  # several values: pynetdicom warns and takes the first
+                return None
+            values[element] = text
+    if any(e not in values for e in _STORE_RQ_REQUIRED):
+        return None
+    if values[0x0100] != _C_STORE_RQ or values[0x0800] == _NO_DATA_SET:
+        return None
+    return values
+
+
 class LeanDIMSEServiceProvider(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, with plain C-STORE responses sent directly."""
+    """pynetdicom's DIMSE provider, with plain C-STORE requests and responses direct."""
+
+    #: The C-STORE request whose data set is being collected (lean path only).
+    _store: C_STORE | None = None
+    _store_data: BytesIO | None = None
+    _store_context: int = 0
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self._store is None:
+            if self.message is not None or not self._start_store(primitive):
+                super().receive_primitive(primitive)
+                return
+            pdvs = primitive.presentation_data_value_list[1:]
+        else:
+            pdvs = primitive.presentation_data_value_list
+        data = self._store_data
+        assert data is not None
+        for _, fragment in pdvs:
+            control = fragment[0]
+            if control & 1:
+                # A command fragment before the data set ended: pynetdicom would
+                # fail to decode the joined command sets and abort; say so and abort.
+                _LOG.error(
+                    "association aborted: a command fragment inside a data set",
+                    calling_aet=self.assoc.requestor.ae_title,
+                )
+                self._store = self._store_data = None
+                self.dul.event_queue.put("Evt19")
+                return
+            data.write(fragment[1:])
+            if control & 2:
+                store, self._store, self._store_data = self._store, None, None
+                assert store is not None
+                store.DataSet = data
+                self.msg_queue.put((self._store_context, store))
+                return
+
+    def _start_store(self, primitive: P_DATA) -> bool:
+        """Begin a C-STORE-RQ on the lean path if its command is all in the first PDV."""
+        pdvs = primitive.presentation_data_value_list
+        if (
+            not pdvs
+            or pdvs[0][1][:1] != _COMMAND_LAST_FRAGMENT
+            or _config.STORE_RECV_CHUNKED_DATASET
+            or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+        ):
+            return False
+        values = read_store_request(pdvs[0][1][1:])
+        if values is None:
+            return False
+        store = C_STORE()
+        try:
+            store.MessageID = values[0x0110]
+            store.AffectedSOPClassUID = values[0x0002]
+            store.AffectedSOPInstanceUID = values[0x1000]
+            store.Priority = values[0x0700]
+        except (TypeError, ValueError):  # pynetdicom's path reports these
+            return False
+        store._context_id = pdvs[0][0]
+        store._dataset_path = None
+        store._dataset_file = None
+        self._store, self._store_data, self._store_context = store, BytesIO(), pdvs[0][0]
+        return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (
