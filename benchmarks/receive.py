@@ -9,11 +9,16 @@ the files to:
   re-armed on the accepted socket: the default),
 - boldstream with tcp_quickack off (to show what the receiver-side fix does),
 - DCMTK storescp (writes files, no fsync),
+- with TCP_NODELAY=1 only: boldstream with ``receiver.fsync = false``
+  (storescp's durability: written, not fsync'd, before the answer), which
+  separates the cost of the fsync-before-success rule from the rest,
 - with TCP_NODELAY=1 only: pynetdicom alone, through the same acceptor
-  (boldstream's prompt reactor and network-loop poll) with a C-STORE handler
-  that answers success and does nothing: the network library's own ceiling,
+  (boldstream's prompt reactor, its C-STORE messages read and written
+  without pydicom, and its network-loop poll) with a C-STORE handler that
+  answers success and does nothing: the network layer's own ceiling.
 
-and reports instances/s, MB/s, the ratio to storescp, and boldstream's
+Receivers alternate within each round of ``--repeats``, and the table gives
+medians. It reports instances/s, MB/s, the ratio to storescp, and boldstream's
 assembly latency per volume (last instance of the volume received -> volume
 ready). A second table sends the per-slice series over 4 associations at once.
 
@@ -133,7 +138,7 @@ def _send(port: int, files: Sequence[Path], *, nodelay: bool, senders: int = 1) 
 
 @contextlib.contextmanager
 def _boldstream(
-    root: Path, *, quickack: bool, ingest: str = "process"
+    root: Path, *, quickack: bool, ingest: str = "process", fsync: bool = True
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
     spool = Path(tempfile.mkdtemp(dir=root))
     settings = load_settings(
@@ -144,6 +149,7 @@ def _boldstream(
                     "spool_dir": str(spool),
                     "tcp_quickack": quickack,
                     "ingest": ingest,
+                    "fsync": fsync,
                 },
                 "logging": {"level": "error"},  # the ingest process logs by this
                 "selector": {"exclude_image_types": []},
@@ -303,11 +309,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 receivers = ["boldstream", "boldstream, quickack off", "DCMTK storescp"]
                 if nodelay:  # without TCP_NODELAY it stalls like "quickack off"
                     receivers.insert(1, "boldstream, ingest in a thread")
-                    receivers.insert(3, "pynetdicom alone (no-op handler)")
-                for receiver in receivers:
-                    slow = not nodelay and receiver != "boldstream" and name.startswith("per-slice")
-                    subset = files[: args.slow_cap] if slow else files
-                    for _ in range(args.repeats):
+                    receivers.insert(3, "boldstream, fsync off")
+                    receivers.insert(4, "pynetdicom alone (no-op handler)")
+                # Alternating (each receiver once per round), so a machine that
+                # drifts during the run shifts every receiver alike.
+                for _ in range(args.repeats):
+                    for receiver in receivers:
+                        slow = (
+                            not nodelay
+                            and receiver != "boldstream"
+                            and name.startswith("per-slice")
+                        )
+                        subset = files[: args.slow_cap] if slow else files
                         if receiver == "DCMTK storescp":
                             with _storescp(root, nodelay=nodelay) as port:
                                 seconds = _send(port, subset, nodelay=nodelay)
@@ -317,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         else:
                             quick = receiver != "boldstream, quickack off"
                             mode = "thread" if receiver.endswith("in a thread") else "process"
-                            with _boldstream(root, quickack=quick, ingest=mode) as (
+                            fsync = receiver != "boldstream, fsync off"
+                            with _boldstream(root, quickack=quick, ingest=mode, fsync=fsync) as (
                                 port,
                                 vols,
                                 rec,
