@@ -17,8 +17,9 @@ rely on is kept where pynetdicom has it: before a message is taken.
 
 :class:`PromptRequestHandler` lets pynetdicom build and configure the
 association, then gives the instance this subclass's reactor and
-:class:`~boldstream.receiver.dimse.LeanDIMSEServiceProvider`, which sends
-plain C-STORE responses without pydicom (see that module). When the
+:class:`~boldstream.receiver.dimse.LeanDIMSEServiceProvider`, which reads
+plain C-STORE requests and writes their responses without pydicom (see that
+module). When the
 ``pynetdicom`` logger prints nothing below WARNING (the default, see
 :func:`boldstream.logs.configure_logging`) it also unbinds pynetdicom's
 "standard" tracing handlers: bound to every PDU and DIMSE message sent or
@@ -28,7 +29,7 @@ not. With ``logging.level = "debug"`` they stay bound.
 
 Every receiver test runs through this handler; ``tests/receiver/
 test_association.py`` checks release, abort, idle timeout and the tracing
-handlers, ``tests/receiver/test_dimse.py`` the responses.
+handlers, ``tests/receiver/test_dimse.py`` the C-STORE messages.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -96,8 +96,8 @@ _STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 
 _STORE_RQ_REQUIRED = _STORE_RQ_ELEMENTS - {0x0000}  # the group length is optional
 _US_ELEMENTS = (0x0100, 0x0110, 0x0700, 0x0800)
 _ELEMENT_HEADER = struct.Struct("<HHI")
-_LOG = get_logger("dimse")
 _US = struct.Struct("<H")
+_LOG = get_logger("dimse")
 
 
 def read_store_request(command: bytes) -> dict[int, Any] | None:
@@ -150,7 +150,6 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
     #: The C-STORE request whose data set is being collected (lean path only).
     _store: C_STORE | None = None
     _store_data: BytesIO | None = None
-    _store_context: int = 0
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self._store is None:
@@ -179,7 +178,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
                 store, self._store, self._store_data = self._store, None, None
                 assert store is not None
                 store.DataSet = data
-                self.msg_queue.put((self._store_context, store))
+                self.msg_queue.put((cast(int, store._context_id), store))
                 return
 
     def _start_store(self, primitive: P_DATA) -> bool:
@@ -206,7 +205,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
         store._context_id = pdvs[0][0]
         store._dataset_path = None
         store._dataset_file = None
-        self._store, self._store_data, self._store_context = store, BytesIO(), pdvs[0][0]
+        self._store, self._store_data = store, BytesIO()
         return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
