@@ -351,3 +351,18 @@ def test_read_store_request_takes_only_plain_store_commands() -> None:
         else:
             command = _command(*elements)
         assert read_store_request(command) is None, name
+
+
+def test_command_and_data_in_one_p_data_are_read_as_pynetdicom_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer may put the command and data-set fragments in one P-DATA-TF.
+    calls = _count_pynetdicom(monkeypatch)
+    merged = P_DATA()
+    for pdata in _pdatas(_store_request(), 1000):
+        merged.presentation_data_value_list.extend(pdata.presentation_data_value_list)
+    assert len(merged.presentation_data_value_list) > 3
+    ours = _received(LeanDIMSEServiceProvider, [merged])
+    theirs = _received(DIMSEServiceProvider, [merged])
+    assert _summary(ours[0]) == _summary(theirs[0]) and len(ours[0]) == 1
+    assert calls[0] == 0

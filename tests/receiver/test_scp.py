@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from peers import require_tool
+from pynetdicom.dimse import DIMSEServiceProvider
 
 from boldstream.config import load_settings
 from boldstream.receiver.scp import Received, StorageSCP
@@ -117,6 +120,42 @@ def test_every_transfer_syntax_storescu_sends_is_stored_as_sent(
     (received,) = scp.received
     assert received.encoded == path.read_bytes()
     assert received.dataset.SeriesInstanceUID == ds.SeriesInstanceUID  # parsed on demand
+
+
+@pytest.mark.parametrize("max_send_pdu", ["4096", "131072"])
+def test_storescu_c_store_messages_never_go_through_pydicom(
+    scp: Harness,
+    pydicom_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    max_send_pdu: str,
+) -> None:
+    """DCMTK's requests, in small or large PDUs, take the struct path both ways.
+
+    pynetdicom's own receive_primitive and send_msg (the pydicom coding of
+    command sets) must not run for them; the instance is stored as sent.
+    """
+    caplog.set_level(logging.WARNING, logger="pynetdicom")  # as serve runs by default
+    fallbacks: list[str] = []
+    receive, send = DIMSEServiceProvider.receive_primitive, DIMSEServiceProvider.send_msg
+
+    def counting_receive(self: Any, primitive: Any) -> None:
+        fallbacks.append("receive")
+        receive(self, primitive)
+
+    def counting_send(self: Any, primitive: Any, context_id: int) -> None:
+        fallbacks.append("send")
+        send(self, primitive, context_id)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", counting_receive)
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", counting_send)
+    src = pydicom_data / "MR_small.dcm"  # 9 KB of pixels: three PDUs at 4096
+    out = scp.storescu(src, extra=("--max-send-pdu", max_send_pdu))
+    assert out.returncode == 0, out.stderr
+    (received,) = scp.received
+    stored = pydicom.dcmread(received.path)
+    assert (stored.pixel_array == pydicom.dcmread(src).pixel_array).all()
+    assert fallbacks == []
 
 
 def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data: Path) -> None:
