@@ -4,8 +4,10 @@
 given the same response primitive, or the same P-DATA primitives of a
 request (as pynetdicom's requestor encodes them), on a stand-in association
 that records what would go to the network thread and what is queued for the
-association: P-DATA for P-DATA, primitive for primitive. Every storescu test
-in tests/receiver then runs both paths against DCMTK over a real association.
+association: P-DATA for P-DATA, primitive for primitive. Over a real
+association, every storescu test in tests/receiver runs the struct path
+against DCMTK, and ``test_scp.py`` checks that pynetdicom's own coding of
+DCMTK's C-STORE messages never runs.
 """
 
 from __future__ import annotations
