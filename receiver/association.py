@@ -19,13 +19,12 @@ rely on is kept where pynetdicom has it: before a message is taken.
 association, then gives the instance this subclass's reactor and
 :class:`~boldstream.receiver.dimse.LeanDIMSEServiceProvider`, which reads
 plain C-STORE requests and writes their responses without pydicom (see that
-module). When the
-``pynetdicom`` logger prints nothing below WARNING (the default, see
-:func:`boldstream.logs.configure_logging`) it also unbinds pynetdicom's
-"standard" tracing handlers: bound to every PDU and DIMSE message sent or
-received, they read each command set through pydicom and format a
-description for that logger at INFO and DEBUG whether it prints them or
-not. With ``logging.level = "debug"`` they stay bound.
+module). When the ``pynetdicom`` logger prints nothing below WARNING (the
+default, see :func:`boldstream.logs.configure_logging`) it also unbinds
+pynetdicom's "standard" tracing handlers: bound to every PDU and DIMSE
+message sent or received, they read each command set through pydicom and
+format a description for that logger at INFO and DEBUG whether it prints
+them or not. With ``logging.level = "debug"`` they stay bound.
 
 Every receiver test runs through this handler; ``tests/receiver/
 test_association.py`` checks release, abort, idle timeout and the tracing

@@ -202,9 +202,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
             store.Priority = values[0x0700]
         except (TypeError, ValueError):  # pynetdicom's path reports these
             return False
-        store._context_id = pdvs[0][0]
-        store._dataset_path = None
-        store._dataset_file = None
+        store._context_id = pdvs[0][0]  # no file-backed data set: pynetdicom's defaults stand
         self._store, self._store_data = store, BytesIO()
         return True
 
