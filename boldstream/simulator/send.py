@@ -2,7 +2,12 @@
 
 Volumes are encoded as they are due (a run is never all in memory) and sent
 over one or several associations. Volume ``t`` is released at
-``t * TR / pace`` after the start (``pace=None``: as fast as possible). For
+``t * TR / pace`` after the start (``pace=None``: as fast as possible). When
+paced, the next volume is built only once the current one has been answered
+(if that still leaves time to build it before it is due): a scanner
+reconstructs on hardware of its own, but this simulator builds volumes on the
+cores the receiver runs on, and building one while the receiver handles the
+last would measure the simulator, not boldstream. For
 receiver tests the sender can misbehave like real consoles and networks do:
 shuffle the slices of a volume, send some instances twice, or drop some.
 
@@ -116,6 +121,24 @@ def iter_instances(run: PhantomRun, options: SendOptions) -> Iterator[tuple[int,
         yield t, chosen + extra
 
 
+class _Answered:
+    """How many instances the sending threads are done with (answered or given up)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def add(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """True once ``count`` instances are done; False after ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count >= count, timeout)
+
+
 class _TrackedCheckpoint:
     """pynetdicom's reactor checkpoint (an Event), able to tell when the reactor is parked.
 
@@ -214,6 +237,7 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
     work: queue.Queue[Dataset | None] = queue.Queue(maxsize=4 * max(1, options.associations) * 64)
     lock = threading.Lock()
     errors: list[BaseException] = []
+    answered = _Answered()
 
     def worker() -> None:
         try:
@@ -225,7 +249,10 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
             return
         try:
             while (ds := work.get()) is not None:
-                status = store_instance(assoc, ds, options.timeout_s)
+                try:
+                    status = store_instance(assoc, ds, options.timeout_s)
+                finally:
+                    answered.add()
                 code = int(getattr(status, "Status", -1)) if status else -1
                 with lock:
                     report.instances += 1
@@ -248,18 +275,33 @@ def send_run(run: PhantomRun, host: str, port: int, options: SendOptions) -> Sen
     ]
     for th in threads:
         th.start()
+    period = None if options.pace is None else run.tr_s / options.pace
     start = time.monotonic()
+    queued = 0
+    build_s = 0.0  # how long the last volume took to build
     try:
-        for t, instances in iter_instances(run, options):
-            if options.pace is not None:
-                due = start + t * run.tr_s / options.pace
-                delay = due - time.monotonic()
+        volumes = iter_instances(run, options)
+        while True:
+            began = time.monotonic()
+            item = next(volumes, None)
+            if item is None:
+                break
+            build_s = time.monotonic() - began
+            t, instances = item
+            if period is not None:
+                delay = start + t * period - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
             for ds in instances:
                 work.put(ds)
+            queued += len(instances)
             if errors:
                 break
+            if period is not None:
+                # See the module docstring: build the next volume once this one is
+                # answered, unless waiting longer would make the next one late.
+                latest = start + (t + 1) * period - 1.5 * build_s
+                answered.wait_for(queued, max(0.0, latest - time.monotonic()))
     finally:
         for _ in threads:
             work.put(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,3 +101,67 @@ def test_refused_association_is_a_clear_error(scp: tuple[int, Received], run: Ph
     port, _ = scp
     with pytest.raises(SimulatorError, match="cannot associate"):
         send_run(run, "127.0.0.1", port, SendOptions(called_aet="NOT_US", timeout_s=10))
+
+
+@dataclass
+class Timed:
+    """When each volume began to be built and when the SCP answered each volume."""
+
+    built: dict[int, float] = field(default_factory=dict)
+    answered: dict[int, float] = field(default_factory=dict)
+
+
+def _timed_send(
+    run: PhantomRun, monkeypatch: pytest.MonkeyPatch, delay_s: dict[int, float], pace: float
+) -> Timed:
+    """Send ``run`` as mosaics to an SCP that takes ``delay_s[t]`` to answer volume t."""
+    import boldstream.simulator.send as send
+
+    timed = Timed()
+    encode = send.encode_volume
+
+    def recording_encode(volume: Any, vox2ras: Any, spec: Any, t: int, **kw: Any) -> Any:
+        timed.built[t] = time.monotonic()
+        return encode(volume, vox2ras, spec, t, **kw)
+
+    monkeypatch.setattr(send, "encode_volume", recording_encode)
+
+    def on_store(event: Any) -> int:
+        t = int(event.dataset.AcquisitionNumber) - 1
+        time.sleep(delay_s.get(t, 0.0))
+        timed.answered[t] = time.monotonic()  # the response leaves after this
+        return 0x0000
+
+    ae = AE(ae_title="BOLDSTREAM")
+    ae.add_supported_context(MR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        report = send_run(
+            run, "127.0.0.1", server.server_address[1], SendOptions(encoding="mosaic", pace=pace)
+        )
+    finally:
+        server.shutdown()
+    assert report.statuses == {0: run.n_volumes}
+    return timed
+
+
+def test_paced_builds_the_next_volume_once_the_last_is_answered(
+    run: PhantomRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A volume every 0.25 s, each answered after 50 ms: the simulator must not
+    # build volume t+1 (on the receiver's cores) while volume t is being handled.
+    timed = _timed_send(run, monkeypatch, {t: 0.05 for t in range(4)}, pace=4.0)
+    for t in range(1, 4):
+        assert timed.built[t] >= timed.answered[t - 1], t
+
+
+def test_paced_does_not_wait_for_an_answer_past_the_next_volume(
+    run: PhantomRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Volume 0 takes 0.8 s to answer, four periods of 0.2 s: volume 1 is still
+    # built on schedule rather than after that answer.
+    timed = _timed_send(run, monkeypatch, {0: 0.8}, pace=5.0)
+    assert timed.built[1] < timed.answered[0] - 0.4
+    assert timed.built[1] - timed.built[0] < 0.4
