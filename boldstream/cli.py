@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from threadpoolctl import threadpool_limits
+
 from boldstream import __version__
 from boldstream.errors import BoldstreamError, ConfigError
 
@@ -40,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.func(args)
+        # One BLAS/OpenMP thread in this process. Its numerical work is small
+        # (the simulator's phantom, geometry); idle OpenBLAS workers spin for a
+        # while after each call, which on a 2-core host took most of a core
+        # from the receiver. Stage processes follow pipeline.blas_threads.
+        with threadpool_limits(limits=1):
+            code: int = args.func(args)
     except ConfigError as exc:
         print(f"boldstream {args.command}: {exc}", file=sys.stderr)
         return 2
