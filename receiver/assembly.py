@@ -27,7 +27,7 @@ import numpy.typing as npt
 from boldstream.config.settings import AssemblySettings
 from boldstream.errors import DicomInputError
 from boldstream.logs import get_logger
-from boldstream.receiver.decode import Fragment
+from boldstream.receiver.fragment import Fragment
 from boldstream.receiver.geometry import slice_affine
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
 
