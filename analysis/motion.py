@@ -104,6 +104,9 @@ class MotionEstimate:
     flagged: bool
     #: Why the volume was flagged, None otherwise.
     reason: str | None
+    #: The volume held NaN or infinity, set to 0 before reslicing: ``corrected``
+    #: is then not the acquired signal (QC leaves it out of DVARS and tSNR).
+    filled: bool = False
 
     def confounds(self) -> dict[str, float]:
         """The six parameters under fMRIPrep's confound names."""
@@ -341,7 +344,7 @@ class MotionCorrector:
 
         if not np.isfinite(vol).all():
             clean = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
-            return self._fallback(index, clean, "non-finite values (NaN or inf)")
+            return self._fallback(index, clean, "non-finite values (NaN or inf)", filled=True)
         if float(vol.max()) == float(vol.min()):
             return self._fallback(index, vol, "constant volume (dropout)")
 
@@ -494,7 +497,9 @@ class MotionCorrector:
                 )
         return correlation, cost, gain, None
 
-    def _fallback(self, index: int, vol: F32, reason: str) -> MotionEstimate:
+    def _fallback(
+        self, index: int, vol: F32, reason: str, *, filled: bool = False
+    ) -> MotionEstimate:
         """A flagged estimate: previous motion, volume resliced with it."""
         return MotionEstimate(
             index=index,
@@ -507,6 +512,7 @@ class MotionCorrector:
             gain=1.0,
             flagged=True,
             reason=reason,
+            filled=filled,
         )
 
     def reslice(self, volume: npt.ArrayLike, matrix: npt.ArrayLike) -> F32:

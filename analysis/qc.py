@@ -4,7 +4,7 @@ Definitions (SPEC section 3):
 
 - FD (Power et al. 2012): ``|dx| + |dy| + |dz| + r * (|da| + |db| + |dc|)``
   between consecutive motion parameters, ``r`` = 50 mm; None for the first
-  frame.
+  frame and for a frame whose motion could not be estimated (flagged).
 - DVARS: ``sqrt(mean_v (I_t - I_t-1)^2)`` over brain voxels; None for the
   first frame.
 - std_DVARS (Nichols 2013, as in nipype's ``compute_dvars``):
@@ -114,10 +114,15 @@ class QCAccumulator:
     ``update(volume, params)`` takes the motion-corrected volume and its six
     motion parameters (mm, rad) and returns a :class:`QCFrame`. Pass
     ``usable=False`` for a frame the motion stage flagged: it then counts as
-    bad data at every threshold (and is reported as an outlier), while its
+    bad data at every threshold (and is reported as an outlier), its FD is
+    n/a (its parameters only repeat the last estimate), while its
     intensities still enter DVARS and tSNR like any acquired frame.
-    A frame with non-finite values inside the mask is left out of DVARS,
-    tSNR and the buffer (the next DVARS compares with the last finite frame).
+    A frame with non-finite values inside the mask, or ``acquired=False``
+    (the motion stage filled non-finite voxels with 0), is left out of DVARS,
+    tSNR and the buffer. :meth:`lost` counts a volume that never arrived as
+    scan time without good data. After any of these, the next frame's FD and
+    DVARS compare with the last frame that was measured (so motion during
+    the unmeasured time still shows, and counts against the usable data).
     """
 
     def __init__(
@@ -218,7 +223,12 @@ class QCAccumulator:
         return self._scale
 
     def update(
-        self, volume: npt.ArrayLike, params: Sequence[float] | F64, *, usable: bool = True
+        self,
+        volume: npt.ArrayLike,
+        params: Sequence[float] | F64,
+        *,
+        usable: bool = True,
+        acquired: bool = True,
     ) -> QCFrame:
         vol = np.asarray(volume)
         if vol.shape != self.mask.shape:
@@ -227,10 +237,10 @@ class QCAccumulator:
         self._count += 1
         reasons: list[str] = []
 
-        fd = self._fd(params)
+        fd = self._fd(params) if usable else None
         x = vol.reshape(-1)[self._flat].astype(np.float64)
         dvars = std = gs = None
-        if np.isfinite(x).all():
+        if acquired and np.isfinite(x).all():
             gs = float(x.mean())
             if self._prev is not None:
                 d = x - self._prev
@@ -264,6 +274,10 @@ class QCAccumulator:
             outlier_reasons=tuple(reasons),
             usable=summary,
         )
+
+    def lost(self) -> UsableSummary:
+        """Count a volume that never arrived: scan time, but no good data."""
+        return self._usable.add(None, usable=False)
 
     def _fd(self, params: Sequence[float] | F64) -> float | None:
         p = np.asarray(params, dtype=np.float64).reshape(-1)

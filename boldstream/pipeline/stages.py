@@ -8,14 +8,17 @@ per series (kept apart by ``(session_key, series_uid)``):
   ``dummy_scans``; each volume is registered to it by a
   :class:`~boldstream.analysis.MotionCorrector`. It emits the ``motion``
   result, then an internal ``pipeline.corrected`` result (the corrected
-  volume, its parameters and flag) for the stages after it; dummy scans and
-  volumes that could not be analysed become an internal ``pipeline.skipped``.
+  volume, its parameters, its flag and whether non-finite voxels were
+  filled) for the stages after it; dummy scans and volumes that could not be
+  analysed become an internal ``pipeline.skipped``.
 - :class:`QCStage` turns each corrected volume into a ``qc`` result
   (:meth:`~boldstream.analysis.QCFrame.as_dict` plus ``latency_ms``) with a
   :class:`~boldstream.analysis.QCAccumulator` whose brain mask is
-  :func:`~boldstream.analysis.foreground_mask` of the reference.
+  :func:`~boldstream.analysis.foreground_mask` of the reference. A gap (a
+  volume lost after the series' first corrected one) counts as scan time
+  without good data in the usable-data figures, and passes on.
 
-Everything else (gaps, series events, other results) passes through. Topics
+Everything else (series events, other results) passes through. Topics
 that start with ``pipeline.`` are internal: the pipeline never publishes them.
 
 Failure of one series: an exception inside its analysis is logged with the
@@ -210,7 +213,9 @@ class MotionStage(SeriesStage):
         for old in [i for i in state.matrices if i not in state.history]:
             del state.matrices[old]
         out.append(message.derive(motion))
-        out.append(message.derive(self._corrected(state, index, motion, est.corrected)))
+        out.append(
+            message.derive(self._corrected(state, index, motion, est.corrected, filled=est.filled))
+        )
         if est.flagged:
             out.append(
                 message.derive(
@@ -230,6 +235,8 @@ class MotionStage(SeriesStage):
         index: int,
         motion: Result,
         corrected: npt.NDArray[np.float32],
+        *,
+        filled: bool,
     ) -> Result:
         assert state.corrector is not None
         arrays: dict[str, npt.NDArray[Any]] = {"data": corrected}
@@ -240,7 +247,7 @@ class MotionStage(SeriesStage):
             CORRECTED,
             state.info,
             index,
-            values={"params": params, "flagged": bool(motion.values["flagged"])},
+            values={"params": params, "flagged": bool(motion.values["flagged"]), "filled": filled},
             arrays=arrays,
             affines={"vox2ras": state.corrector.vox2ras},
         )
@@ -261,10 +268,14 @@ class MotionStage(SeriesStage):
         if state.corrector is None or matrix is None:
             return []
         motion = Result(topics.MOTION, state.info, volume.index, values=dict(entry["motion"]))
-        corrected = state.corrector.reslice(volume.data, matrix)
+        data = np.asarray(volume.data, dtype=np.float32)
+        filled = not bool(np.isfinite(data).all())
+        if filled:  # as MotionCorrector.register did the first time
+            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        corrected = state.corrector.reslice(data, matrix)
         return [
             message.derive(motion),
-            message.derive(self._corrected(state, volume.index, motion, corrected)),
+            message.derive(self._corrected(state, volume.index, motion, corrected, filled=filled)),
         ]
 
 
@@ -350,6 +361,8 @@ class QCStage(SeriesStage):
         assert isinstance(state, _QCSeries)
         p = message.payload
         if isinstance(p, Gap):
+            if fresh and state.accumulator is not None:
+                state.accumulator.lost()  # scan time the run did not get data for
             return [message]
         assert isinstance(p, Result) and p.index is not None
         index = p.index
@@ -367,8 +380,12 @@ class QCStage(SeriesStage):
         if state.accumulator is None:
             out.extend(self._start_series(state, message, p))
         assert state.accumulator is not None
-        flagged = bool(p.values.get("flagged", False))
-        frame = state.accumulator.update(p.arrays["data"], p.values["params"], usable=not flagged)
+        frame = state.accumulator.update(
+            p.arrays["data"],
+            p.values["params"],
+            usable=not p.values.get("flagged", False),
+            acquired=not p.values.get("filled", False),
+        )
         received = message.timestamps.get("received")
         latency = None if received is None else (time.time() - received) * 1000.0
         result = topics.qc_result(state.info, index, frame, latency_ms=latency)

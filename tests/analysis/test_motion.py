@@ -205,6 +205,7 @@ def test_bad_volume_is_flagged_and_motion_falls_back(kind: str, series_64: Any) 
         assert not good.flagged
     bad = mc.register(_corruptions(vols[8])[kind])
     assert bad.flagged and bad.reason, kind
+    assert bad.filled == (kind in ("nan", "inf")), kind  # only those were set to 0
     assert bad.params == good.params
     assert np.isfinite(bad.corrected).all()
     for value in (bad.correlation, bad.cost, bad.gain):

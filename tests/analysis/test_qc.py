@@ -179,6 +179,52 @@ def test_non_finite_and_flagged_frames() -> None:
     assert nan_params.fd_mm is None
 
 
+def test_flagged_frame_has_no_fd_and_the_next_compares_with_the_last_estimate() -> None:
+    vols, mask, params = _series(6, seed=11)
+    qc = QCAccumulator(mask, tr_s=2.0)
+    frames = [qc.update(v, p) for v, p in zip(vols[:3], params[:3], strict=True)]
+    # The motion stage repeats the last estimate for a volume it flagged.
+    flagged = qc.update(vols[3], params[2], usable=False)
+    assert flagged.fd_mm is None  # not 0.0: nothing was measured
+    assert flagged.outlier_reasons == ("flagged",)
+    assert flagged.dvars is not None  # its intensities were acquired
+    after = qc.update(vols[4], params[4])
+    expected = float(
+        np.abs(params[4] - params[2])[:3].sum() + 50 * np.abs(params[4] - params[2])[3:].sum()
+    )
+    assert after.fd_mm == pytest.approx(expected)
+    good_before = [t.frames for t in frames[2].usable.thresholds]
+    assert [t.frames for t in flagged.usable.thresholds] == good_before  # never good
+    assert after.usable.frames_total == 5
+
+
+def test_filled_frame_and_lost_volume_keep_out_of_dvars_and_tsnr() -> None:
+    vols, mask, params = _series(7, seed=12)
+    qc = QCAccumulator(mask, tr_s=2.0)
+    for v, p in zip(vols[:3], params[:3], strict=True):
+        qc.update(v, p)
+    filled = np.where(mask, 0.0, vols[3]).astype(np.float32)  # NaNs set to 0 upstream
+    f = qc.update(filled, params[2], usable=False, acquired=False)  # motion flagged it
+    assert f.dvars is None and f.global_signal is None
+    assert f.outlier_reasons == ("non-finite",)
+    good_before = [t.frames for t in f.usable.thresholds]
+    summary = qc.lost()  # volume 4 never arrived
+    assert summary.frames_total == 5
+    assert [t.frames for t in summary.thresholds] == good_before  # never good
+    g = qc.update(vols[5], params[5])
+    x = vols[:, mask].astype(np.float64)
+    assert g.dvars == pytest.approx(math.sqrt(np.mean((x[5] - x[2]) ** 2)))
+    assert g.fd_mm == pytest.approx(
+        float(
+            np.abs(params[5] - params[2])[:3].sum() + 50 * np.abs(params[5] - params[2])[3:].sum()
+        )
+    )
+    kept = np.stack([x[0], x[1], x[2], x[5]])
+    assert np.allclose(qc.tsnr_map()[mask], kept.mean(0) / kept.std(0, ddof=1), rtol=1e-5)
+    assert g.usable.frames_total == 6
+    assert g.usable.minutes_total == pytest.approx(6 * 2.0 / 60)
+
+
 def test_frames_are_json_ready() -> None:
     vols, mask, params = _series(25, seed=7)
     qc = QCAccumulator(mask, tr_s=0.8, std_dvars_warmup=5)

@@ -116,7 +116,11 @@ def test_serve_publishes_motion_and_qc_of_volumes_sent_by_storescu(
     assert counts[topics.SERIES_START] == 1
     assert counts[topics.VOLUME_RECEIVED] == counts[topics.MOTION] == counts[topics.QC] == 3
     qc = [m.payload.values for m in got if m.topic == topics.QC]  # type: ignore[union-attr]
-    assert [q["fd_mm"] is None for q in qc] == [True, False, False]
+    motion = [m.payload.values for m in got if m.topic == topics.MOTION]  # type: ignore[union-attr]
+    # No FD for the first volume, nor for one whose motion could not be estimated.
+    flagged = [bool(m["flagged"]) for m in motion]
+    assert [q["fd_mm"] is None for q in qc] == [True, *flagged[1:]]
+    assert flagged[1] is False
     assert all(0 < q["latency_ms"] < 60_000 for q in qc)
     (series,) = snapshot["series"]
     assert series["counts"]["qc"] == 3

@@ -147,6 +147,37 @@ def test_gaps_pass_through_and_the_series_end_flushes(tmp_path: Path) -> None:
     assert out[-1].kind == "series-end"
 
 
+def test_a_lost_volume_counts_as_scan_time_and_a_nan_volume_stays_out_of_tsnr() -> None:
+    series = make_series()
+    vols = volumes(10, series)
+    nan = vols[6].data.copy()
+    nan[nan.shape[0] // 2] = np.nan  # one slice of NaN (float input)
+    vols[6] = Volume(
+        data=nan,
+        vox2ras=vols[6].vox2ras,
+        series=series,
+        index=6,
+        acquisition_time=None,
+        first_received=vols[6].first_received,
+        last_received=vols[6].last_received,
+        assembled=vols[6].assembled,
+    )
+    messages = [Message(v) for v in vols[:4]]
+    messages.append(Message(Gap(series, 4, "timeout")))
+    messages.extend(Message(v) for v in vols[5:])
+    qc = by_topic(run_chain(MotionStage(), QCStage(), messages), topics.QC)
+    assert sorted(qc) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    # The lost volume is scan time without data: 5 frames of scan time at volume 5.
+    assert qc[3]["usable"]["frames_total"] == 4
+    assert qc[5]["usable"]["frames_total"] == 6
+    # The NaN volume: no FD (motion flagged it), no DVARS, left out of tSNR.
+    assert qc[6]["fd_mm"] is None and qc[6]["dvars"] is None
+    assert qc[6]["outlier_reasons"] == ["non-finite"]
+    assert qc[6]["tsnr_median"] == qc[5]["tsnr_median"]  # unchanged by it
+    # The next DVARS compares volume 7 with volume 5, the last finite one.
+    assert qc[7]["dvars"] is not None and qc[7]["dvars"] > 0
+
+
 def test_a_restarted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     series = make_series()
     vols = volumes(24, series)
