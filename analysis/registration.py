@@ -73,6 +73,7 @@ class Registration:
     #: Pearson correlation of the EPI and the fitted template at the points.
     correlation: float
     iterations: int
+    #: The finest level's last step moved less than ``tol_mm``.
     converged: bool
     #: Volumes averaged into the image that was registered (0 when unknown).
     n_volumes: int = 0
@@ -164,6 +165,7 @@ def register_to_template(
     iterations = 0
     converged = False
     for sigma_mm, stride in _LEVELS:
+        converged = False  # what is reported is the finest level's
         s_level = _smooth(synth, tpl_affine, sigma_mm)
         grads = np.gradient(s_level)
         # voxel gradient -> MNI-mm gradient: d/dy = inv(A)^T d/dijk

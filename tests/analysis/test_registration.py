@@ -87,6 +87,18 @@ def test_known_affine_with_scaling_and_other_contrast_is_recovered() -> None:
     assert reg.converged
 
 
+def test_converged_reports_the_finest_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coarse level that converges does not make up for a fine one that did not."""
+    import boldstream.analysis.registration as registration
+
+    run = make_phantom_run(n_volumes=2, motion="none")
+    mean = np.mean([run.volume(t) for t in range(2)], axis=0)
+    steps = iter([0.0])  # the first step of the coarsest level ends it; none after
+    monkeypatch.setattr(registration, "_step_mm", lambda dm, dt: next(steps, 1e9))
+    reg = register_to_template(mean, run.vox2ras, max_iter=3)
+    assert not reg.converged
+
+
 def test_masks_pulled_to_native_land_on_the_planted_regions() -> None:
     run = make_phantom_run(n_volumes=10, motion="none", orientation="oblique")
     mean = np.mean([run.volume(t) for t in range(10)], axis=0)
