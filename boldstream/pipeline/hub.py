@@ -123,6 +123,9 @@ class Hub:
         self.outbox: deque[Message] = deque()
         self.idle = threading.Condition()
         self.taken = 0
+        #: ``taken`` when this thread last found nothing in flight. Other threads
+        #: read only this (the journal and the orderer are this thread's alone).
+        self.idle_upto = 0
         self.stats: dict[str, int] = {
             "submitted": 0,
             "published": 0,
@@ -190,11 +193,14 @@ class Hub:
         self._sockets.clear()
 
     def is_idle(self, submitted: int) -> bool:
+        """Whether the first ``submitted`` volumes are all published (any thread)."""
+        return self.idle_upto >= submitted
+
+    def _nothing_in_flight(self) -> bool:
         return (
-            self.taken >= submitted
-            and not self.outbox
-            and self.journal.unfinished() == 0
+            not self.outbox
             and self.order.orderer.stats()["pending"] == 0
+            and self.journal.unfinished() == 0
         )
 
     # -- the loop ----------------------------------------------------------------
@@ -239,6 +245,8 @@ class Hub:
                     next_idle_check = time.monotonic() + 1.0
                 self.stats["journal"] = len(self.journal)
                 with self.idle:
+                    if self.idle_upto < self.taken and self._nothing_in_flight():
+                        self.idle_upto = self.taken
                     self.idle.notify_all()
         except Exception:
             self.log.exception("pipeline hub failed")

@@ -163,6 +163,7 @@ class SeriesStage(Stage, abc.ABC):
             "restored": 0,
             "series": 0,
             "after_end": 0,
+            "checkpoint_failed": 0,
         }
         self._series: dict[Key, SeriesState] = {}
         #: Series this process has ended (a repeat of one is not a new series).
@@ -374,12 +375,29 @@ class SeriesStage(Stage, abc.ABC):
             return []
         if not self.can_checkpoint(state):
             return []
-        data, arrays = self.checkpoint_state(state)
-        data["next"] = state.last_index + 1
-        data["history"] = {str(k): v for k, v in state.history.items()}
-        self.store.write(state.info, state.last_index, data, arrays)
         state.since_checkpoint = 0
         state.checkpoint_due = False
+        try:
+            data, arrays = self.checkpoint_state(state)
+            data["next"] = state.last_index + 1
+            data["history"] = {str(k): v for k, v in state.history.items()}
+            self.store.write(state.info, state.last_index, data, arrays)
+        except Exception as exc:
+            # The volume's results stand and go on; without this checkpoint the
+            # hub keeps its volumes for a restart, and the next one is tried
+            # after another ``checkpoint_every`` volumes.
+            self.counts["checkpoint_failed"] += 1
+            self.log.exception(
+                "checkpoint not written; the series goes on", series=state.info.series_uid
+            )
+            warning = topics.warning_result(
+                state.info,
+                state.last_index,
+                f"{self.name}: checkpoint not written ({type(exc).__name__}: {exc}); "
+                "the series goes on, but a restart of this stage would redo more of it",
+                code="checkpoint-failed",
+            )
+            return [Message(warning, {"checkpoint": time.time()})]
         result = Result(CHECKPOINT, state.info, state.last_index, values={"stage": self.name})
         return [Message(result, {"checkpoint": time.time()})]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -128,6 +129,38 @@ def test_a_series_that_states_its_length_ends_when_all_are_in(
     late = [m for m in got if m.topic == topics.WARNING]
     assert [(m.index, m.payload.values["code"]) for m in late] == [(6, "after-series-end")]  # type: ignore[union-attr]
     assert 6 not in _keyed(got, series.series_uid, topics.QC)
+
+
+def test_drain_reads_no_state_of_the_hub_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal and the orderer are the hub thread's: another thread that
+    walked them while the hub changed them could fail ("dictionary changed
+    size during iteration") and take Pipeline.stop() down with it."""
+    from boldstream.pipeline.journal import Journal
+    from boldstream.stream.ordering import Orderer
+
+    callers: set[str] = set()
+    unfinished, stats = Journal.unfinished, Orderer.stats
+
+    def spy_unfinished(self: Journal) -> int:
+        callers.add(threading.current_thread().name)
+        return unfinished(self)
+
+    def spy_stats(self: Orderer) -> dict[str, Any]:
+        callers.add(threading.current_thread().name)
+        return stats(self)
+
+    monkeypatch.setattr(Journal, "unfinished", spy_unfinished)
+    monkeypatch.setattr(Orderer, "stats", spy_stats)
+    vols = volumes(6, make_series("1.2.3.40"))
+    with Pipeline(pipeline_settings(tmp_path), mode="thread") as pipeline:
+        for v in vols:
+            pipeline.submit(v)
+            pipeline.drain(0.0)  # while the hub works on it
+        assert pipeline.drain(30)
+        assert pipeline.health()["hub"]["published"] > 0
+    assert callers and threading.current_thread().name not in callers
 
 
 def test_snapshot_answers_late_joiners_over_req_and_dealer(

@@ -178,6 +178,33 @@ def test_a_lost_volume_counts_as_scan_time_and_a_nan_volume_stays_out_of_tsnr() 
     assert qc[7]["dvars"] is not None and qc[7]["dvars"] > 0
 
 
+def test_a_checkpoint_that_cannot_be_written_loses_no_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series = make_series()
+    vols = volumes(12, series)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CheckpointStore, "write", full)
+    motion = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    qc = QCStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    messages = [Message(v) for v in vols]
+    messages.append(Message(SeriesEnd(series, ended=0.0, n_volumes=12)))
+    out = run_chain(motion, qc, messages)
+    assert (
+        sorted(by_topic(out, topics.MOTION)) == sorted(by_topic(out, topics.QC)) == list(range(12))
+    )
+    assert out[-1].kind == "series-end"
+    assert not any(m.topic == CHECKPOINT for m in out)
+    warnings = [m.payload.values for m in out if m.topic == topics.WARNING]  # type: ignore[union-attr]
+    assert {w["code"] for w in warnings} == {"checkpoint-failed"}
+    assert "No space left on device" in warnings[0]["message"]
+    # Tried again every checkpoint_every volumes (5, 10) and at the end, not on every volume.
+    assert motion.counts["checkpoint_failed"] == qc.counts["checkpoint_failed"] == 3
+
+
 def test_a_restarted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     series = make_series()
     vols = volumes(24, series)
