@@ -67,6 +67,7 @@ __all__ = [
     "SearchMaps",
     "SeedConnectivity",
     "bandpass",
+    "can_bandpass",
     "nuisance_regressors",
     "partial_correlation",
 ]
@@ -215,6 +216,27 @@ def nuisance_regressors(
     return np.concatenate(parts)
 
 
+def _butterworth(tr_s: float, low_hz: float, high_hz: float) -> F64:
+    """Second-order sections of the band-pass (a high-pass when ``high_hz`` >= Nyquist)."""
+    if high_hz < 0.5 / tr_s:
+        sos: F64 = signal.butter(
+            2, [low_hz, high_hz], btype="bandpass", fs=1.0 / tr_s, output="sos"
+        )
+    else:
+        sos = signal.butter(2, low_hz, btype="highpass", fs=1.0 / tr_s, output="sos")
+    return sos
+
+
+def _padlen(sos: F64) -> int:
+    """Rows ``sosfiltfilt`` pads with: a series must be longer to be filtered."""
+    return 3 * (2 * int(sos.shape[0]) + 1)
+
+
+def can_bandpass(frames: int, tr_s: float, low_hz: float, high_hz: float) -> bool:
+    """Whether :func:`bandpass` filters ``frames`` rows (fewer: it only demeans them)."""
+    return frames > _padlen(_butterworth(tr_s, low_hz, high_hz))
+
+
 def bandpass(data: F64, tr_s: float, low_hz: float, high_hz: float, good: npt.ArrayLike) -> F64:
     """Zero-phase band-pass of the columns of ``data`` (T, n); censored rows interpolated.
 
@@ -236,14 +258,9 @@ def bandpass(data: F64, tr_s: float, low_hz: float, high_hz: float, good: npt.Ar
         span = np.where(hi != lo, hi - lo, 1)
         frac = np.clip((idx[~mask] - lo) / span, 0.0, 1.0)[:, None]
         x[~mask] = x[lo] * (1.0 - frac) + x[hi] * frac
-    nyquist = 0.5 / tr_s
-    if high_hz < nyquist:
-        sos = signal.butter(2, [low_hz, high_hz], btype="bandpass", fs=1.0 / tr_s, output="sos")
-    else:
-        sos = signal.butter(2, low_hz, btype="highpass", fs=1.0 / tr_s, output="sos")
-    padlen = 3 * (2 * sos.shape[0] + 1)
+    sos = _butterworth(tr_s, low_hz, high_hz)
     x -= x.mean(axis=0)
-    if t <= padlen:
+    if t <= _padlen(sos):
         return x
     out: F64 = signal.sosfiltfilt(sos, x, axis=0)
     return out
@@ -369,6 +386,16 @@ class SeedConnectivity:
 
     # -- per volume ---------------------------------------------------------------
 
+    def missing(self) -> None:
+        """A volume that never arrived: a censored frame, so that the buffer keeps
+        the time axis (the band-pass bridges it) and the next FD spans it."""
+        slot = self.frames % self.capacity
+        self.frames += 1
+        self._y[slot] = 0.0
+        self._s[slot] = 0.0
+        self._x[slot] = 0.0
+        self._good[slot] = False
+
     def update(
         self,
         volume: npt.ArrayLike,
@@ -477,8 +504,10 @@ class SeedConnectivity:
         if n_good < self.n_regressors + 3:
             return SearchMaps(nan, None, None, n_good, bandpassed)
         y = y32.astype(np.float64)
+        low, high = self.bandpass_hz
+        # Too few frames to filter: the maps are of the unfiltered data, and say so.
+        bandpassed = bandpassed and can_bandpass(good.size, self.tr_s, low, high)
         if bandpassed:
-            low, high = self.bandpass_hz
             cols = np.column_stack([s, x, y])
             filt = bandpass(cols, self.tr_s, low, high, good)
             s, x, y = filt[:, 0], filt[:, 1 : 1 + x.shape[1]], filt[:, 1 + x.shape[1] :]

@@ -20,7 +20,8 @@ Per series:
 2. Every corrected volume updates the running connectivity
    (:class:`~boldstream.analysis.SeedConnectivity`; FD is computed from
    consecutive motion parameters exactly as QC does, frames above
-   ``fd_censor_mm`` or flagged are censored).
+   ``fd_censor_mm`` or flagged are censored). A volume lost on the way (a
+   gap) becomes a censored frame, so the buffer keeps its time axis.
 3. Every ``every_s`` seconds of data, and at the series' end, the target is
    recomputed (:class:`~boldstream.analysis.TargetTracker`) and published as
    a ``target`` result (:func:`~boldstream.sinks.topics.target_result`)
@@ -103,8 +104,9 @@ def _prefixed(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
 @dataclass(eq=False)
 class _ConnSeries(SeriesState):
     tr_s: float = 2.0
-    #: (index, volume, params, usable) held until the registration.
-    pending: list[tuple[int, npt.NDArray[np.float32], list[float], bool]] = field(
+    #: (index, volume, params, usable) held until the registration; volume and
+    #: params None for a volume lost meanwhile.
+    pending: list[tuple[int, npt.NDArray[np.float32] | None, list[float] | None, bool]] = field(
         default_factory=list
     )
     conn: SeedConnectivity | None = None
@@ -289,6 +291,12 @@ class ConnectivityStage(SeriesStage):
         assert isinstance(state, _ConnSeries)
         p = message.payload
         if isinstance(p, Gap):
+            if fresh and state.failed is None:
+                # Keep the time axis: the lost TR becomes a censored frame.
+                if state.conn is not None:
+                    state.conn.missing()
+                elif state.pending:
+                    state.pending.append((p.index, None, None, False))
             return [message]
         assert isinstance(p, Result) and p.index is not None
         index = p.index
@@ -370,6 +378,9 @@ class ConnectivityStage(SeriesStage):
                 return out
             pending, state.pending = state.pending, []
             for i, vol, prm, ok in pending:
+                if vol is None or prm is None:
+                    state.conn.missing()  # a volume lost while these waited
+                    continue
                 state.conn.update(vol, prm, usable=ok, index=i)
                 state.since_target += 1
         else:
@@ -381,9 +392,9 @@ class ConnectivityStage(SeriesStage):
         return out
 
     def _start(self, state: _ConnSeries, message: Message) -> list[Message]:
-        usable = [v for (_, v, _, ok) in state.pending if ok]
+        usable = [v for (_, v, _, ok) in state.pending if ok and v is not None]
         if not usable:
-            usable = [v for (_, v, _, _) in state.pending]
+            usable = [v for (_, v, _, _) in state.pending if v is not None]
         mean = np.mean(usable, axis=0)
         payload = message.payload
         assert isinstance(payload, Result)

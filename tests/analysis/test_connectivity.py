@@ -10,6 +10,7 @@ from boldstream.analysis.connectivity import (
     OnlineRegression,
     SeedConnectivity,
     bandpass,
+    can_bandpass,
     nuisance_regressors,
 )
 from boldstream.analysis.registration import NativeRois, Registration
@@ -130,6 +131,44 @@ def test_seed_connectivity_equals_batch_with_censoring() -> None:
     in_brain = np.searchsorted(brain, np.flatnonzero(rois.search))
     np.testing.assert_allclose(maps.all, expected[in_brain], atol=1e-6, rtol=0)
     assert maps.first is not None and maps.second is not None
+
+
+def test_maps_say_whether_they_were_bandpassed() -> None:
+    """sosfiltfilt needs more rows than it pads with (15 for the band-pass):
+    below that the maps are of unfiltered data and must not claim a filter."""
+    rois = _small_rois()
+    vols, params = _series(rois, 17, np.random.default_rng(9))
+    conn = SeedConnectivity(rois, tr_s=2.0, motion_model="6")
+    for t, (v, p) in enumerate(zip(vols, params, strict=True)):
+        conn.update(v, p)
+        if t + 1 in (15, 16):
+            assert can_bandpass(t + 1, 2.0, 0.01, 0.1) is (t + 1 == 16)
+            maps = conn.search_maps()
+            assert maps.bandpassed is (t + 1 == 16), t + 1
+            unfiltered = conn.search_maps(bandpassed=False)
+            same = np.allclose(maps.all, unfiltered.all, equal_nan=True)
+            assert same is (t + 1 == 15)
+
+
+def test_a_lost_volume_keeps_its_place_in_time() -> None:
+    rois = _small_rois()
+    vols, params = _series(rois, 30, np.random.default_rng(10))
+    conn = SeedConnectivity(rois, tr_s=2.0, motion_model="6")
+    frames = []
+    for t, (v, p) in enumerate(zip(vols, params, strict=True)):
+        if t == 12:
+            conn.missing()  # volume 12 never arrived
+            continue
+        frames.append(conn.update(v, p))
+    assert conn.frames == 30
+    good = conn.buffered()[3]
+    assert good.size == 30 and not good[12]
+    assert conn.good_frames == int(good.sum()) < 29
+    after = frames[12]  # volume 13: its FD spans the lost TR
+    d = np.abs(params[13] - params[11])
+    assert after.fd_mm == pytest.approx(float(d[:3].sum() + 50.0 * d[3:].sum()))
+    maps = conn.search_maps()
+    assert maps.bandpassed and np.isfinite(maps.all).any()
 
 
 def test_flagged_and_non_finite_frames_are_censored() -> None:

@@ -35,14 +35,14 @@ from boldstream.analysis import (
 )
 from boldstream.cli import main as cli_main
 from boldstream.config import load_settings
-from boldstream.pipeline.connectivity_stage import ConnectivityStage
+from boldstream.pipeline.connectivity_stage import ConnectivityStage, _ConnSeries
 from boldstream.pipeline.offline import nifti_volumes, replay
 from boldstream.pipeline.series_stage import CORRECTED
 from boldstream.pipeline.service import Pipeline
 from boldstream.pipeline.stages import MotionStage, QCStage
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.sinks import topics
-from boldstream.stream.messages import Message, Result, SeriesEnd, series_key
+from boldstream.stream.messages import Gap, Message, Result, SeriesEnd, series_key
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,38 @@ def test_stage_publishes_the_phantom_target_like_the_analysis() -> None:
     assert direct is not None
     np.testing.assert_allclose(values["ras_mm"], direct.values["ras_mm"], atol=1e-6)
     assert values["split_half_mm"] == direct.values["split_half_mm"]
+
+
+def test_lost_volumes_keep_their_place_in_the_connectivity_buffer() -> None:
+    """A gap, while the registration volumes are held and after, is a censored
+    frame: the buffer (and its band-pass) keeps the scanner's time axis."""
+    run = make_phantom_run(n_volumes=40, tr_s=2.0, motion="mild", seed=3)
+    series = make_series("9.9.8", tr_s=2.0)
+    vols = [as_volume(run.volume(t), run.vox2ras, series, t) for t in range(run.n_volumes)]
+    lost = {4, 25}
+    messages = [
+        Message(Gap(series, t, "timeout")) if t in lost else Message(v) for t, v in enumerate(vols)
+    ]
+    stage = ConnectivityStage(every_s=20.0)
+    chain([MotionStage(), QCStage(forward_corrected=True), stage], messages)
+    (state,) = stage._series.values()
+    assert isinstance(state, _ConnSeries) and state.conn is not None
+
+    corrector = MotionCorrector(vols[0].data, run.vox2ras)
+    ests = {t: corrector.register(v.data) for t, v in enumerate(vols) if t not in lost}
+    good = [ests[t].corrected for t in sorted(ests) if not ests[t].flagged][:10]
+    mean = np.mean(good, axis=0)
+    reg = register_to_template(mean, run.vox2ras)
+    conn = SeedConnectivity(native_rois(template_rois(), reg, mean, run.vox2ras), tr_s=2.0)
+    for t in range(run.n_volumes):
+        if t in lost:
+            conn.missing()
+        else:
+            conn.update(ests[t].corrected, ests[t].params, usable=not ests[t].flagged)
+    assert state.conn.frames == conn.frames == 40
+    for got, want in zip(state.conn.buffered(), conn.buffered(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-9)
+    assert not conn.buffered()[3][4] and not conn.buffered()[3][25]
 
 
 def test_corrected_volumes_pass_on_when_asked_and_bad_registration_warns() -> None:
