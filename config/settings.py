@@ -9,6 +9,7 @@ error names the key (``receiver.port: ...``).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -259,6 +260,20 @@ class TargetSettings(_Section):
     settling_p: float = Field(default=0.05, gt=0, lt=1)
     #: Phase-randomised seeds per recompute for the p (p resolution 1/(n+1)).
     null_surrogates: int = Field(default=200, ge=19, le=5000)
+
+    @model_validator(mode="after")
+    def _p_reachable(self) -> TargetSettings:
+        # With n surrogates the smallest p is 1 / (n + 1): a limit below it
+        # would keep every target from that status forever.
+        for key in ("stable_p", "settling_p"):
+            limit = getattr(self, key)
+            if 1.0 / (self.null_surrogates + 1) > limit:
+                need = math.ceil(1.0 / limit - 1.0 - 1e-9)
+                raise ValueError(
+                    f"null_surrogates = {self.null_surrogates} cannot give p <= {limit:g} "
+                    f"({key}): the smallest p is 1/(n+1); use at least {need}"
+                )
+        return self
 
     def rules(self) -> dict[str, float]:
         """The keyword arguments of ``analysis.target.TargetRules``."""

@@ -51,6 +51,8 @@ def test_env_values_parse_as_toml() -> None:
         ),
         ("assembly.temporal_key='Nope'", "assembly.temporal_key:"),
         ("nosection.key=1", "nosection: unknown setting"),
+        # 19 surrogates cannot give p <= 0.01 (the smallest p is 1/20)
+        ("target.null_surrogates=19", "null_surrogates = 19 cannot give p <= 0.01 (stable_p)"),
     ],
 )
 def test_errors_name_the_bad_key(override: str, key: str) -> None:
