@@ -21,7 +21,7 @@ from boldstream.errors import BoldstreamError, ConfigError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Modules of boldstream.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("serve", "demo", "simulate", "replay", "listen", "keys")
+COMMANDS: tuple[str, ...] = ("serve", "demo", "simulate", "replay", "listen", "keys", "health")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from pathlib import Path
 from boldstream.config import load_settings
 from boldstream.receiver.scp import StorageSCP
 from boldstream.receiver.spool import Spool
+from boldstream.sinks.dashboard.app import Dashboard
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
@@ -33,19 +34,34 @@ def test_every_copied_folder_exists_and_is_a_package_dir() -> None:
         assert folder in copied and f'"{folder}"' in pyproject
 
 
-def test_healthcheck_command_succeeds_against_a_live_scp_and_fails_without(tmp_path: Path) -> None:
+def test_healthcheck_command_succeeds_against_a_live_service_and_fails_without(
+    tmp_path: Path,
+) -> None:
+    """The image's HEALTHCHECK, run as the image runs it: settings from the
+    environment, the listener bound to all interfaces, the dashboard on."""
     argv = _healthcheck_argv()
-    assert argv[0] == "python"
+    assert argv == ["boldstream", "health"]
+    command = [sys.executable, "-m", "boldstream", *argv[1:]]
     settings = load_settings(
-        overrides=[{"receiver": {"port": 0, "spool_dir": str(tmp_path)}}], environ={}
+        overrides=[{"receiver": {"port": 0, "bind": "0.0.0.0", "spool_dir": str(tmp_path)}}],
+        environ={},
     )
     scp = StorageSCP(settings.receiver, Spool(tmp_path), lambda item: None)
+    dashboard = Dashboard("tcp://127.0.0.1:9", port=0)
     scp.start()
-    env = {**os.environ, "BOLDSTREAM_RECEIVER__PORT": str(scp.port)}
+    dashboard.start()
+    env = {
+        **os.environ,
+        "BOLDSTREAM_RECEIVER__BIND": "0.0.0.0",
+        "BOLDSTREAM_RECEIVER__PORT": str(scp.port),
+        "BOLDSTREAM_DASHBOARD__PORT": str(dashboard.port),
+    }
     try:
-        ok = subprocess.run([sys.executable, *argv[1:]], env=env, timeout=60, capture_output=True)
+        ok = subprocess.run(command, env=env, timeout=60, capture_output=True, text=True)
         assert ok.returncode == 0, ok.stderr
     finally:
         scp.stop()
-    down = subprocess.run([sys.executable, *argv[1:]], env=env, timeout=60, capture_output=True)
+        dashboard.stop()
+    down = subprocess.run(command, env=env, timeout=60, capture_output=True, text=True)
     assert down.returncode == 1
+    assert "DICOM listener" in down.stderr and "dashboard" in down.stderr
