@@ -430,7 +430,9 @@ class Pipeline:
             return
         self._restarts[name] += 1
         self.log.error("stage process died; restarting", stage=name, exit_code=code)
-        with contextlib.suppress(StreamError):
+        # Under the lock: health() may be polling this runner's control socket,
+        # which stop() closes.
+        with self._runner_lock, contextlib.suppress(StreamError):
             old.stop(timeout=1.0)
         runner: Runner
         if isinstance(old, StageProcess):
