@@ -38,10 +38,15 @@ N = 60
 
 
 def run_with_kills(
-    settings: Settings, ctx: zmq.Context[Any], vols: list[Volume], kills: dict[int, str]
+    settings: Settings,
+    ctx: zmq.Context[Any],
+    vols: list[Volume],
+    kills: dict[int, str],
+    *,
+    kill_on: str = topics.QC,
 ) -> tuple[list[Message], dict[str, Any], dict[str, int]]:
     """Feed ``vols`` to a process-mode pipeline, SIGKILL stage ``kills[i]`` once
-    the ``qc`` result of volume ``i`` is out; every message, health, first pids."""
+    the ``kill_on`` result of volume ``i`` is out; every message, health, first pids."""
     series = vols[0].series
     got: list[Message] = []
     kills = dict(kills)
@@ -64,7 +69,7 @@ def run_with_kills(
             if m is None:
                 continue
             got.append(m)
-            if m.topic == topics.QC and m.index in kills:
+            if m.topic == kill_on and m.index in kills:
                 pid = pids[kills.pop(m.index)]
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
@@ -132,8 +137,12 @@ def test_a_killed_connectivity_stage_resumes_and_its_targets_are_those_of_an_unb
     ]
     assert [m.index for m in unbroken] == [19, 29, 39, 49, 59]
 
-    # killed between the targets at 29 and 39
-    got, health, _ = run_with_kills(settings, ctx, vols, {34: "connectivity"})
+    # Killed once its target at 29 is out (so it has checkpointed), before 39.
+    # Not on a qc result: qc goes straight to the hub and can be volumes ahead
+    # of this stage, which may still be registering (no checkpoint yet).
+    got, health, _ = run_with_kills(
+        settings, ctx, vols, {29: "connectivity"}, kill_on=topics.TARGET
+    )
 
     assert health["hub"]["journal"] == 0  # nothing of the ended series is kept
     stages = {s["name"]: s for s in health["stages"]}
