@@ -122,11 +122,15 @@ class SelectorSettings(_Section):
     #: Regular expression a SeriesDescription must match (search, case-insensitive).
     include_description: str = ".*"
     #: Regular expression that excludes a series when it matches.
-    exclude_description: str = r"(?i)moco|phys(io)?log|_sbref\b"
+    exclude_description: str = r"(?i)moco|phys(io)?log"
+    #: Regular expression of single-band reference (SBRef) series: assembled
+    #: and used as the motion reference of the next BOLD series on the same
+    #: grid (SPEC 2), never analysed themselves. Empty: none.
+    reference_description: str = r"(?i)_sbref\b"
     #: ImageType values (any position) that exclude an instance's series.
     exclude_image_types: tuple[str, ...] = ("MOCO", "P", "PHASE", "DERIVED")
 
-    @field_validator("include_description", "exclude_description")
+    @field_validator("include_description", "exclude_description", "reference_description")
     @classmethod
     def _regex(cls, v: str) -> str:
         try:

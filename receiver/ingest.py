@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pydicom
@@ -171,7 +171,14 @@ class Ingest:
             state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
             self._series[uid] = state
             self._log.info(
-                "new series" + ("" if selection.analyse else ": spooled only, not analysed"),
+                "new series"
+                + (
+                    ": a motion reference (SBRef), not analysed"
+                    if selection.reference
+                    else ""
+                    if selection.analyse
+                    else ": spooled only, not analysed"
+                ),
                 series=uid,
                 description=str(ds.get("SeriesDescription", "")),
                 reason=selection.reason,
@@ -219,6 +226,10 @@ class Ingest:
                     fragments = decode_instance(item.dataset, assembly=self.settings.assembly)
                 except DicomInputError as exc:
                     problem = exc
+                if selection.reference:
+                    fragments = [
+                        replace(f, series=replace(f.series, reference=True)) for f in fragments
+                    ]
             if not self._wait_durable(item):
                 return  # refused to the scanner, or a duplicate: the handler logged it
             self.stats.instances += 1

@@ -46,6 +46,10 @@ class SeriesInfo:
     #: above 1, or a Siemens protocol's lRepetitions + 1); the pipeline ends the
     #: series as soon as all of them are in.
     n_volumes: int | None = None
+    #: A single-band reference (SBRef) series (``selector.reference_description``):
+    #: its volume is the motion reference of the next BOLD series of the study
+    #: on the same grid, and is not analysed itself.
+    reference: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -348,6 +348,30 @@ def test_other_sop_class_is_spooled_not_processed(live: Live, pydicom_data: Path
     assert live.events == []
 
 
+def test_an_sbref_series_is_assembled_as_a_motion_reference(
+    live: Live, builders: ModuleType
+) -> None:
+    sbref, sbref_arrays = series(builders, 1, seed=3)
+    bold, _ = series(builders, 1, seed=4)
+    for ds in flat(sbref):
+        ds.SeriesDescription = "rest_SBRef"
+    for ds in flat(bold):
+        ds.SeriesDescription = "rest"
+    moco, _ = series(builders, 1, seed=5)
+    for ds in flat(moco):
+        ds.SeriesDescription = "MoCoSeries"
+    assert live.storescu([*flat(sbref), *flat(bold), *flat(moco)]) == ["Success"] * 12
+    live.wait_for(lambda events: len(events) == 2)
+    live.settle()
+    got = [e for e in live.events if isinstance(e, Volume)]
+    first, second = sorted(got, key=lambda v: v.series.description != "rest_SBRef")
+    assert first.series.reference and not second.series.reference
+    assert_volume(first, sbref_arrays[0])
+    (line,) = live.logged("new series: a motion reference (SBRef), not analysed")
+    assert line["description"] == "rest_SBRef"
+    assert len(live.logged("new series: spooled only, not analysed")) == 1  # the MoCo series
+
+
 def test_mr_image_without_geometry_is_spooled_and_reported(
     live: Live, builders: ModuleType
 ) -> None:
