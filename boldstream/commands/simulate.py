@@ -41,6 +41,12 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoding", choices=ENCODINGS, default="mosaic")
     p.add_argument(
+        "--sbref",
+        action="store_true",
+        help="first send a single-band reference series (one volume, SeriesDescription "
+        "+ _SBRef, series number one lower), as multiband sequences do",
+    )
+    p.add_argument(
         "--pace",
         type=parse_pace,
         default=1.0,
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         associations=args.associations,
         seed=args.seed,
         spec=spec,
+        sbref=args.sbref,
     )
     if args.truth is not None:
         args.truth.write_text(

@@ -5,7 +5,10 @@ per series (kept apart by ``(session_key, series_uid)``):
 
 - :class:`MotionStage` takes volumes in index order (the orderer upstream
   guarantees it). The reference of a series is its first volume after
-  ``dummy_scans``; each volume is registered to it by a
+  ``dummy_scans``, or (SPEC 2) the volume of a single-band reference series
+  (SBRef, ``SeriesInfo.reference``) of the same study on the same grid that
+  came before it; an SBRef series itself is not analysed (its volume becomes
+  ``pipeline.skipped``). Each volume is registered to the reference by a
   :class:`~boldstream.analysis.MotionCorrector`. It emits the ``motion``
   result, then an internal ``pipeline.corrected`` result (the corrected
   volume, its parameters, its flag and whether non-finite voxels were
@@ -40,6 +43,7 @@ transform), so the pipeline, which drops duplicates, publishes each result once.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +73,34 @@ from boldstream.stream.messages import Gap, Message, Result
 __all__ = ["MotionStage", "QCStage", "stage_options"]
 
 # --------------------------------------------------------------------------- motion
+
+
+#: SBRef volumes kept for the BOLD series that follow them (latest per study).
+_REFERENCES_KEPT = 16
+#: How close (mm) an SBRef's vox2ras must be to a series' for the same grid.
+_SAME_GRID_MM = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class _SBRef:
+    """A single-band reference volume, waiting for the BOLD series after it."""
+
+    series_number: int | None
+    data: npt.NDArray[np.float32]
+    vox2ras: npt.NDArray[np.float64]
+
+    def fits(self, series: SeriesInfo, volume: Volume) -> bool:
+        """Same grid, and acquired before ``series`` when both are numbered."""
+        before = (
+            self.series_number is None
+            or series.series_number is None
+            or self.series_number < series.series_number
+        )
+        return (
+            before
+            and self.data.shape == volume.data.shape
+            and bool(np.allclose(self.vox2ras, volume.vox2ras, rtol=0.0, atol=_SAME_GRID_MM))
+        )
 
 
 @dataclass(eq=False)
@@ -105,6 +137,8 @@ class MotionStage(SeriesStage):
             history=history,
         )
         self.dummy_scans = dummy_scans
+        #: study UID -> its latest SBRef volume.
+        self._sbrefs: OrderedDict[str, _SBRef] = OrderedDict()
         self.options: dict[str, Any] = {
             "levels": levels,
             "max_iter": max_iter,
@@ -169,14 +203,20 @@ class MotionStage(SeriesStage):
         index = p.index
         if not fresh:
             return self._repeat(state, message, p)
+        if state.info.reference:
+            return self._keep_sbref(state, message, p)
         if index < self.dummy_scans:
             return self._skip(state, message, index, "dummy scan")
         if state.failed is not None:
             return self._skip(state, message, index, state.failed)
         out: list[Message] = []
         if state.corrector is None:
+            sbref = self._sbrefs.get(state.info.study_uid)
+            if sbref is not None and not sbref.fits(state.info, p):
+                sbref = None
+            reference = p.data if sbref is None else sbref.data
             try:
-                state.corrector = MotionCorrector(p.data, p.vox2ras, **self.options)
+                state.corrector = MotionCorrector(reference, p.vox2ras, **self.options)
             except AnalysisError as exc:
                 state.failed = f"no usable reference (volume {index}: {exc})"
                 self.log.error("motion reference unusable; series not analysed", reason=str(exc))
@@ -191,8 +231,15 @@ class MotionStage(SeriesStage):
                     )
                 )
                 return out + self._skip(state, message, index, state.failed)
-            state.reference = np.array(p.data, dtype=np.float32)
+            state.reference = np.array(reference, dtype=np.float32)
             state.reference_index = index
+            self.log.info(
+                "motion reference",
+                series=state.info.series_uid,
+                reference=f"volume {index}"
+                if sbref is None
+                else f"SBRef (series {sbref.series_number})",
+            )
             if self.store is not None:
                 self.store.write_fixed(state.info, "reference", state.reference)
                 self.store.write_fixed(state.info, "vox2ras", np.asarray(p.vox2ras))
@@ -228,6 +275,21 @@ class MotionStage(SeriesStage):
                 )
             )
         return out
+
+    def _keep_sbref(self, state: _MotionSeries, message: Message, volume: Volume) -> list[Message]:
+        """An SBRef series' volume: kept as the reference of the BOLD series after it."""
+        study = state.info.study_uid
+        if volume.index == 0 and bool(np.isfinite(volume.data).all()):
+            self._sbrefs[study] = _SBRef(
+                state.info.series_number,
+                np.array(volume.data, dtype=np.float32),
+                np.array(volume.vox2ras, dtype=np.float64),
+            )
+            self._sbrefs.move_to_end(study)
+            while len(self._sbrefs) > _REFERENCES_KEPT:
+                self._sbrefs.popitem(last=False)
+        reason = "single-band reference (SBRef): the motion reference of the BOLD series after it"
+        return self._skip(state, message, volume.index, reason)
 
     def _corrected(
         self,

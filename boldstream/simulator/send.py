@@ -9,7 +9,9 @@ reconstructs on hardware of its own, but this simulator builds volumes on the
 cores the receiver runs on, and building one while the receiver handles the
 last would measure the simulator, not boldstream. For
 receiver tests the sender can misbehave like real consoles and networks do:
-shuffle the slices of a volume, send some instances twice, or drop some.
+shuffle the slices of a volume, send some instances twice, or drop some. Like
+a multiband sequence, it can send a single-band reference (SBRef) series
+first (``SendOptions.sbref``).
 
 :func:`write_run` writes the same instances to a folder instead, for DCMTK's
 ``storescu`` to send.
@@ -24,11 +26,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from boldstream.simulator.encode import (
@@ -47,6 +51,7 @@ __all__ = [
     "SendReport",
     "associate",
     "iter_instances",
+    "sbref_spec",
     "send_run",
     "store_instance",
     "write_run",
@@ -70,6 +75,10 @@ class SendOptions:
     seed: int = 0
     #: Series header values; a fresh series when None.
     spec: SeriesSpec | None = None
+    #: Send a single-band reference series first, as multiband (CMRR)
+    #: sequences do: one volume, SeriesDescription + "_SBRef", the series
+    #: number one lower, same grid, a quarter brighter (no multiband g-factor).
+    sbref: bool = False
     timeout_s: float = 30.0
 
 
@@ -105,10 +114,27 @@ def _spec_for(run: PhantomRun, options: SendOptions) -> SeriesSpec:
     return options.spec or SeriesSpec(tr_s=run.tr_s, n_volumes=run.n_volumes)
 
 
+def sbref_spec(spec: SeriesSpec) -> SeriesSpec:
+    """The header of the single-band reference series sent before ``spec``'s."""
+    return replace(
+        spec,
+        n_volumes=1,
+        series_description=f"{spec.series_description}_SBRef",
+        series_number=spec.series_number - 1,
+        series_uid=generate_uid(),
+        start_time_s=spec.start_time_s - spec.tr_s,
+    )
+
+
 def iter_instances(run: PhantomRun, options: SendOptions) -> Iterator[tuple[int, list[Dataset]]]:
-    """(volume index, instances to send for it), misbehaviour included."""
+    """(volume index, instances to send for it), misbehaviour included; with
+    ``options.sbref`` first (-1, the single-band reference series' instances)."""
     spec = _spec_for(run, options)
     rng = random.Random(options.seed)
+    if options.sbref:
+        encoding = "enhanced" if options.encoding == "enhanced-series" else options.encoding
+        sbref = np.asarray(run.volume(0), dtype=np.float64) * 1.25
+        yield -1, encode_volume(sbref, run.vox2ras, sbref_spec(spec), 0, encoding=encoding)
     if options.encoding == "enhanced-series":
         yield run.n_volumes - 1, [encode_series_enhanced(run.iter_volumes(), run.vox2ras, spec)]
         return

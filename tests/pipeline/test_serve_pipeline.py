@@ -130,3 +130,44 @@ def test_serve_publishes_motion_and_qc_of_volumes_sent_by_storescu(
     assert not any(e.get("level") == "error" for e in server.logs), [
         e for e in server.logs if e.get("level") == "error"
     ]
+
+
+def test_an_sbref_sent_before_the_run_is_its_motion_reference(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    """As a multiband sequence sends it: the SBRef series, then the BOLD run."""
+    folder = tmp_path / "dicom"
+    subprocess.run(
+        [sys.executable, "-m", "boldstream", "simulate", "--volumes", "4", "--motion", "mild",
+         "--sbref", "--write-dir", str(folder)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == 5  # the SBRef mosaic first, then four volumes
+    server = _Serve(tmp_path / "spool")
+    try:
+        sub = Subscriber(ctx, server.pub, topics=(topics.MOTION, topics.QC), rcvhwm=0)
+        deadline = time.monotonic() + 10
+        while request_snapshot(server.snapshot, context=ctx)["subscriptions"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        out = subprocess.run(
+            [require_tool("storescu"), "-aec", "BOLDSTREAM", "127.0.0.1", str(server.port),
+             *map(str, files)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        got: list[Message] = []
+        deadline = time.monotonic() + 90
+        while sum(m.topic == topics.QC for m in got) < 4:
+            assert time.monotonic() < deadline, Counter(m.topic for m in got)
+            if (m := sub.recv(timeout_ms=1000)) is not None:
+                got.append(m)
+        sub.close()
+    finally:
+        assert server.stop() == 0
+    assert {m.series.description for m in got if m.series is not None} == {"rsfMRI_sim"}
+    (chosen,) = [e for e in server.logs if e.get("event") == "motion reference"]
+    assert chosen["reference"] == "SBRef (series 6)"
+    (kept,) = [e for e in server.logs if e.get("description") == "rsfMRI_sim_SBRef"]
+    assert kept["event"] == "new series: a motion reference (SBRef), not analysed"

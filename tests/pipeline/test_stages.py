@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_support import chain, make_series, phantom, volumes
+from pipeline_support import as_volume, chain, make_series, phantom, volumes
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
 from boldstream.pipeline.checkpoint import CheckpointStore
@@ -86,6 +87,40 @@ def test_dummy_scans_are_skipped_and_the_reference_follows_them() -> None:
             [motion[i][k] for k in topics.MOTION_FIELDS[:6]], params[i], atol=1e-9
         )
     assert by_topic(out, topics.QC)[3]["fd_mm"] is None
+
+
+def test_an_sbref_series_before_the_bold_series_is_its_motion_reference() -> None:
+    bold = make_series("1.2.3.50")  # series number 7
+    sbref_series = replace(
+        make_series("1.2.3.49"), description="rest_SBRef", series_number=6, reference=True
+    )
+    vols = volumes(12, bold)
+    # Volume 5's pose, brighter (single-band images have more signal).
+    sbref = as_volume(vols[5].data * 1.5, vols[5].vox2ras, sbref_series, 0)
+    out = run_chain(MotionStage(), QCStage(), [Message(sbref), *(Message(v) for v in vols)])
+    mine = [m for m in out if m.series == sbref_series]
+    assert [m.topic for m in mine] == [SKIPPED]  # not analysed itself
+    motion = by_topic([m for m in out if m.series == bold], topics.MOTION)
+    assert sorted(motion) == list(range(12))
+    corrector = MotionCorrector(sbref.data, bold_vox2ras := vols[0].vox2ras)
+    for v in vols:
+        want = corrector.register(v.data).params
+        got = [motion[v.index][k] for k in topics.MOTION_FIELDS[:6]]
+        np.testing.assert_allclose(got, want, atol=1e-9)
+    # Relative to the SBRef's pose: volume 5 stays put, volume 0 does not.
+    trans = [[motion[i][k] for k in ("trans_x", "trans_y", "trans_z")] for i in (0, 5)]
+    assert max(map(abs, trans[1])) < 0.05 < max(map(abs, trans[0]))
+
+    # An SBRef on another grid, or acquired after the series, is not used.
+    shifted = bold_vox2ras.copy()
+    shifted[0, 3] += 2.0
+    for other in (
+        as_volume(sbref.data, shifted, sbref_series, 0),
+        as_volume(sbref.data, bold_vox2ras, replace(sbref_series, series_number=8), 0),
+    ):
+        out = run_chain(MotionStage(), QCStage(), [Message(other), *(Message(v) for v in vols)])
+        first = by_topic([m for m in out if m.series == bold], topics.MOTION)[0]
+        assert all(first[k] == 0.0 for k in topics.MOTION_FIELDS[:6])
 
 
 def test_interleaved_series_are_kept_apart() -> None:
