@@ -24,6 +24,7 @@ from boldstream.errors import DicomInputError
 from boldstream.receiver.elements import dicom_time_to_seconds, session_key
 from boldstream.receiver.enhanced import decode_enhanced
 from boldstream.receiver.fragment import Fragment
+from boldstream.receiver.lean import KEYWORDS, LeanDataset
 from boldstream.receiver.mosaic import decode_mosaic, is_mosaic, siemens_repetitions
 from boldstream.receiver.slices import decode_slice
 
@@ -41,12 +42,18 @@ ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
-def decode_instance(ds: pydicom.Dataset, *, assembly: AssemblySettings) -> list[Fragment]:
+def decode_instance(
+    ds: pydicom.Dataset | LeanDataset, *, assembly: AssemblySettings
+) -> list[Fragment]:
     """Split one instance into per-volume fragments.
 
-    Raises :class:`DicomInputError` with a message a technician can act on
-    when the instance cannot become part of a volume.
+    ``ds`` is pydicom's Dataset, or the elements :func:`~boldstream.receiver.lean.read_lean`
+    read (converted already; never Enhanced MR). Raises :class:`DicomInputError`
+    with a message a technician can act on when the instance cannot become
+    part of a volume.
     """
+    if isinstance(ds, LeanDataset):
+        return [decode_mosaic(ds) if is_mosaic(ds) else decode_slice(ds, assembly)]
     _check_readable(ds)
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class == ENHANCED_MR_STORAGE:
@@ -56,42 +63,11 @@ def decode_instance(ds: pydicom.Dataset, *, assembly: AssemblySettings) -> list[
     return [decode_slice(ds, assembly)]
 
 
-#: The elements decoding reads (functional group sequences with all they hold).
+#: The elements decoding reads: those the lean reader reads for slices and
+#: mosaics, and what Enhanced MR adds (functional group sequences with all they hold).
 _READ_KEYWORDS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "SeriesDescription",
-    "Modality",
-    "Manufacturer",
-    "ImageType",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "BitsStored",
-    "PixelRepresentation",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "PixelSpacing",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "RepetitionTime",
-    "AcquisitionTime",
-    "ContentTime",
+    *KEYWORDS,
     "AcquisitionDateTime",
-    "InstanceNumber",
-    "AcquisitionNumber",
-    "ImagesInAcquisition",
-    "NumberOfTemporalPositions",
-    "TemporalPositionIdentifier",
-    "NumberOfFrames",
-    "PixelData",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 ]

@@ -17,6 +17,7 @@ import pydicom
 from boldstream.errors import DicomInputError
 from boldstream.receiver.fragment import FloatArray
 from boldstream.receiver.geometry import orientation_frame
+from boldstream.receiver.lean import LeanDataset
 from boldstream.receiver.volume import SeriesInfo
 
 __all__ = [
@@ -57,7 +58,7 @@ def dicom_time_to_seconds(value: object) -> float | None:
 
 
 def series_info(
-    ds: pydicom.Dataset,
+    ds: pydicom.Dataset | LeanDataset,
     *,
     encoding: str,
     tr_ms: object,

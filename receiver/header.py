@@ -21,13 +21,21 @@ headers from either path.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-__all__ = ["InstanceHeader", "header_from_dataset", "pixel_data_problem", "scan_header"]
+__all__ = [
+    "InstanceHeader",
+    "UnwalkableError",
+    "header_from_dataset",
+    "pixel_data_problem",
+    "scan_header",
+    "top_level_elements",
+]
 
 _UNDEFINED = 0xFFFFFFFF
 #: VRs whose explicit-VR header has two reserved bytes and a 32-bit length.
@@ -56,7 +64,7 @@ _LONG_LENGTH = struct.Struct("<I")
 _US = struct.Struct("<H")
 
 
-class _UnwalkableError(Exception):
+class UnwalkableError(Exception):
     """The stream is not one this walker reads to its end; pydicom decides."""
 
 
@@ -100,7 +108,7 @@ def _element(data: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, in
     if vr in _LONG_VRS:
         return tag, vr, _LONG_LENGTH.unpack_from(data, pos + 8)[0], pos + 12
     if vr not in _VRS:
-        raise _UnwalkableError(f"unknown VR {vr!r}")
+        raise UnwalkableError(f"unknown VR {vr!r}")
     return tag, vr, short, pos + 8
 
 
@@ -111,7 +119,7 @@ def _skip_items(data: bytes, pos: int, explicit: bool) -> int:
         if tag == _SEQUENCE_END:
             return pos
         if tag != _ITEM:
-            raise _UnwalkableError("expected an item in an undefined-length value")
+            raise UnwalkableError("expected an item in an undefined-length value")
         if length != _UNDEFINED:
             pos += length
             continue
@@ -121,7 +129,7 @@ def _skip_items(data: bytes, pos: int, explicit: bool) -> int:
                 break
             pos = _skip_value(data, pos, vr, length, explicit)
         if pos > len(data):
-            raise _UnwalkableError("item runs past the end")
+            raise UnwalkableError("item runs past the end")
 
 
 def _skip_value(data: bytes, pos: int, vr: bytes, length: int, explicit: bool) -> int:
@@ -132,6 +140,33 @@ def _skip_value(data: bytes, pos: int, vr: bytes, length: int, explicit: bool) -
     return _skip_items(data, pos, explicit and vr != b"UN")
 
 
+def top_level_elements(
+    data: bytes, explicit: bool, *, start: int = 0, group: int | None = None
+) -> Iterator[tuple[int, bytes, int, int]]:
+    """``(tag, VR, value offset, length)`` of each top-level element with a
+    defined length, from ``start`` to the end of ``data`` (or, with ``group``,
+    up to the first element of another group). Sequences and other
+    undefined-length values are skipped; raises :class:`UnwalkableError` (or
+    :class:`struct.error`) on a stream it cannot walk to its end. ``VR`` is
+    ``b""`` for implicit VR."""
+    pos, end = start, len(data)
+    while pos < end:
+        if group is not None and _TAG_LENGTH.unpack_from(data, pos)[0] != group:
+            return
+        tag, vr, length, pos = _element(data, pos, explicit)
+        if tag >> 16 == 0xFFFE:
+            raise UnwalkableError("item or delimiter outside a sequence")
+        if length == _UNDEFINED:
+            pos = _skip_value(data, pos, vr, length, explicit)
+            continue
+        if pos + length > end:
+            raise UnwalkableError("value runs past the end")
+        yield tag, vr, pos, length
+        pos += length
+    if pos != end:
+        raise UnwalkableError("last element runs past the end")
+
+
 def _walk(data: bytes, explicit: bool) -> InstanceHeader:
     values: dict[int, str | int] = {}
     pixel_bytes: int | None = None
@@ -140,26 +175,26 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
     while pos < end:
         tag, vr, length, pos = _element(data, pos, explicit)
         if tag >> 16 == 0xFFFE:
-            raise _UnwalkableError("item or delimiter outside a sequence")
+            raise UnwalkableError("item or delimiter outside a sequence")
         if length == _UNDEFINED:
             has_pixels = has_pixels or tag == _PIXEL_DATA  # encapsulated
             pos = _skip_value(data, pos, vr, length, explicit)
             continue
         if pos + length > end:
-            raise _UnwalkableError("value runs past the end")
+            raise UnwalkableError("value runs past the end")
         if tag in _TEXT:
             if vr not in (b"", b"UI", b"CS", b"IS"):
-                raise _UnwalkableError("a checked element with an unexpected VR")
+                raise UnwalkableError("a checked element with an unexpected VR")
             values[tag] = _text(data[pos : pos + length])
         elif tag in _SHORT:
             if vr not in (b"", b"US") or length != 2:
-                raise _UnwalkableError("a checked element that is not one US")
+                raise UnwalkableError("a checked element that is not one US")
             values[tag] = _US.unpack_from(data, pos)[0]
         elif tag == _PIXEL_DATA:
             has_pixels, pixel_bytes = True, length
         pos += length
     if pos != end:
-        raise _UnwalkableError("last element runs past the end")
+        raise UnwalkableError("last element runs past the end")
 
     def text(tag: int) -> str | None:
         value = values.get(tag)
@@ -205,7 +240,7 @@ def scan_header(data: bytes, transfer_syntax: str) -> InstanceHeader | None:
         return None
     try:
         header = _walk(data, explicit)
-    except (_UnwalkableError, struct.error):
+    except (UnwalkableError, struct.error):
         return None
     if header.has_pixel_data and (header.pixel_bytes is None) != compressed:
         return None

@@ -25,12 +25,14 @@ from typing import Any
 
 import pydicom
 import structlog
+from pydicom.dataset import Dataset
 
 from boldstream.config.settings import Settings
 from boldstream.errors import DicomInputError
 from boldstream.logs import get_logger
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import Fragment, decode_instance
+from boldstream.receiver.lean import LeanDataset, read_lean
 from boldstream.receiver.scp import Received
 from boldstream.receiver.selector import Selection, SeriesSelector
 from boldstream.receiver.spool import Spool
@@ -163,11 +165,12 @@ class Ingest:
                 if got:
                     self._queue.task_done()
 
-    def _track_series(self, uid: str, item: Received, selection: Selection) -> None:
+    def _track_series(
+        self, uid: str, item: Received, ds: Dataset | LeanDataset, selection: Selection
+    ) -> None:
         """Register a new series (logged once), and note that it was seen now."""
         state = self._series.get(uid)
         if state is None:
-            ds = item.dataset
             state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
             self._series[uid] = state
             self._log.info(
@@ -185,11 +188,21 @@ class Ingest:
             )
         state.last_seen = max(state.last_seen, time.time())
 
-    def _selection(self, uid: str, item: Received) -> Selection:
+    def _selection(self, uid: str, item: Received, ds: Dataset | LeanDataset) -> Selection:
         state = self._series.get(uid)
         if state is not None:
             return state.selection
-        return self._selector.decide(item.dataset, item.sop_class_uid)
+        return self._selector.decide(ds, item.sop_class_uid)
+
+    @staticmethod
+    def _read(item: Received) -> Dataset | LeanDataset:
+        """The instance's elements: read from its bytes without pydicom when the
+        lean reader reads them exactly (receiver/lean.py), else pydicom's Dataset."""
+        if item.decoded is None and item.encoded:
+            lean = read_lean(item.encoded)
+            if lean is not None:
+                return lean
+        return item.dataset
 
     def _wait_durable(self, item: Received) -> bool:
         """Whether the instance is new and in the spool (the handler may still be writing)."""
@@ -207,7 +220,8 @@ class Ingest:
 
     def _process(self, item: Received) -> None:
         try:
-            uid = str(item.dataset.get("SeriesInstanceUID", ""))
+            ds = self._read(item)
+            uid = str(ds.get("SeriesInstanceUID", ""))
         except Exception as exc:  # the handler walked it, so pydicom should read it
             if self._wait_durable(item):
                 self.stats.instances += 1
@@ -216,14 +230,14 @@ class Ingest:
                     "instance stored but cannot be read", path=str(item.path), error=str(exc)
                 )
             return
-        selection = self._selection(uid, item)
+        selection = self._selection(uid, item, ds)
         fragments: list[Fragment] = []
         problem: DicomInputError | None = None
         with structlog.contextvars.bound_contextvars(series=uid):
             if selection.analyse:
                 # Overlaps the handler's durable write of this same instance.
                 try:
-                    fragments = decode_instance(item.dataset, assembly=self.settings.assembly)
+                    fragments = decode_instance(ds, assembly=self.settings.assembly)
                 except DicomInputError as exc:
                     problem = exc
                 if selection.reference:
@@ -233,7 +247,7 @@ class Ingest:
             if not self._wait_durable(item):
                 return  # refused to the scanner, or a duplicate: the handler logged it
             self.stats.instances += 1
-            self._track_series(uid, item, selection)
+            self._track_series(uid, item, ds, selection)
             if not selection.analyse:
                 self.stats.skipped += 1
                 return

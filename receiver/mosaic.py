@@ -21,6 +21,7 @@ from boldstream.receiver.elements import (
 )
 from boldstream.receiver.fragment import Fragment
 from boldstream.receiver.geometry import orientation_frame
+from boldstream.receiver.lean import LeanDataset
 from boldstream.receiver.pixels import pixel_array
 
 with warnings.catch_warnings():
@@ -40,7 +41,7 @@ _CSA_SERIES_ELEMENT = 0x20
 _REPETITIONS = re.compile(rb"\nlRepetitions\s*=\s*(\d+)")
 
 
-def siemens_repetitions(ds: pydicom.Dataset) -> int | None:
+def siemens_repetitions(ds: pydicom.Dataset | LeanDataset) -> int | None:
     """Volumes a Siemens series will have, from its protocol, when it says.
 
     The series CSA header (0029,1020) carries the protocol as text
@@ -62,12 +63,21 @@ def siemens_repetitions(ds: pydicom.Dataset) -> int | None:
     return int(match.group(1)) + 1 if match else None
 
 
-def is_mosaic(ds: pydicom.Dataset) -> bool:
+def _image_csa(ds: pydicom.Dataset | LeanDataset) -> dict[str, Any] | None:
+    """The image CSA header, parsed by nibabel (None when the instance has none)."""
+    if isinstance(ds, LeanDataset):
+        raw = ds.csa_element(0x10)
+        return None if raw is None else dict(csareader.read(raw))
+    found: dict[str, Any] | None = csareader.get_csa_header(ds)
+    return found
+
+
+def is_mosaic(ds: pydicom.Dataset | LeanDataset) -> bool:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     return "MOSAIC" in image_type
 
 
-def decode_mosaic(ds: pydicom.Dataset) -> Fragment:
+def decode_mosaic(ds: pydicom.Dataset | LeanDataset) -> Fragment:
     """Split a Siemens mosaic into its tiles, with nibabel's position fix.
 
     ImagePositionPatient of a mosaic is the corner of the whole mosaic image
@@ -77,7 +87,7 @@ def decode_mosaic(ds: pydicom.Dataset) -> Fragment:
     """
     where = "Siemens mosaic"
     try:
-        csa = csareader.get_csa_header(ds)
+        csa = _image_csa(ds)
     except Exception as exc:
         raise DicomInputError(f"{where}: the Siemens CSA header cannot be read: {exc}") from exc
     n_tiles = csareader.get_n_mosaic(csa) if csa else None

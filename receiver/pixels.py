@@ -11,6 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from boldstream.errors import DicomInputError
 from boldstream.receiver.elements import as_int
+from boldstream.receiver.lean import LeanDataset
 
 __all__ = ["pixel_array"]
 
@@ -20,7 +21,7 @@ _PHOTOMETRIC_OK = ("MONOCHROME1", "MONOCHROME2")
 _NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 
 
-def pixel_array(ds: pydicom.Dataset, frames: int = 1) -> npt.NDArray[Any]:
+def pixel_array(ds: pydicom.Dataset | LeanDataset, frames: int = 1) -> npt.NDArray[Any]:
     """The stored pixel values, with the checks that give readable errors."""
     if "PixelData" not in ds:
         raise DicomInputError("instance has no pixel data (PixelData is missing)")
@@ -50,6 +51,8 @@ def pixel_array(ds: pydicom.Dataset, frames: int = 1) -> npt.NDArray[Any]:
     explicit = as_int(ds.get("BitsAllocated")) in (8, 16, 32) and ds.get("SamplesPerPixel") == 1
     if explicit and transfer in _NATIVE_LITTLE_ENDIAN:
         return _native_pixels(ds, bits, expected)
+    if isinstance(ds, LeanDataset):
+        raise AssertionError("read_lean gives only native 8/16/32-bit single-sample pixels")
     try:
         array: npt.NDArray[Any] = ds.pixel_array
     except Exception as exc:
@@ -60,7 +63,7 @@ def pixel_array(ds: pydicom.Dataset, frames: int = 1) -> npt.NDArray[Any]:
 
 
 def _native_pixels(
-    ds: pydicom.Dataset, bits: int, shape: tuple[int, ...]
+    ds: pydicom.Dataset | LeanDataset, bits: int, shape: tuple[int, ...]
 ) -> npt.NDArray[np.integer[Any]]:
     """Uncompressed little-endian pixel data as ``ds.pixel_array`` gives it.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from boldstream.config.settings import SelectorSettings
+from boldstream.receiver.lean import LeanDataset
 
 __all__ = ["ENHANCED_MR_IMAGE_STORAGE", "MR_IMAGE_STORAGE", "Selection", "SeriesSelector"]
 
@@ -33,7 +34,7 @@ class Selection:
     reference: bool = False
 
 
-def _image_type(ds: Dataset) -> list[str]:
+def _image_type(ds: Dataset | LeanDataset) -> list[str]:
     value = ds.get("ImageType")
     if value is None:
         value = ds.get("FrameType")  # enhanced objects may carry only FrameType
@@ -57,7 +58,7 @@ class SeriesSelector:
             re.compile(settings.reference_description) if settings.reference_description else None
         )
 
-    def decide(self, ds: Dataset, sop_class_uid: str) -> Selection:
+    def decide(self, ds: Dataset | LeanDataset, sop_class_uid: str) -> Selection:
         if sop_class_uid not in _PROCESSED_CLASSES:
             return Selection(False, f"SOP class {sop_class_uid} is stored but not processed")
         description = str(ds.get("SeriesDescription", "") or "")

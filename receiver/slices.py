@@ -17,12 +17,13 @@ from boldstream.receiver.elements import (
 )
 from boldstream.receiver.fragment import Fragment
 from boldstream.receiver.geometry import slice_normal
+from boldstream.receiver.lean import LeanDataset
 from boldstream.receiver.pixels import pixel_array
 
 __all__ = ["decode_slice"]
 
 
-def _slices_per_volume(ds: pydicom.Dataset, assembly: AssemblySettings) -> int | None:
+def _slices_per_volume(ds: pydicom.Dataset | LeanDataset, assembly: AssemblySettings) -> int | None:
     """Slices per volume: the setting, else ImagesInAcquisition, else unknown.
 
     Philips counts every image of the acquisition in ImagesInAcquisition
@@ -40,7 +41,7 @@ def _slices_per_volume(ds: pydicom.Dataset, assembly: AssemblySettings) -> int |
     return images
 
 
-def _temporal_index(ds: pydicom.Dataset, key: str, slices: int | None) -> int:
+def _temporal_index(ds: pydicom.Dataset | LeanDataset, key: str, slices: int | None) -> int:
     """0-based volume index of a single-slice instance (see AssemblySettings)."""
     if key == "auto":
         positions = as_int(ds.get("NumberOfTemporalPositions")) or 0
@@ -71,7 +72,7 @@ def _temporal_index(ds: pydicom.Dataset, key: str, slices: int | None) -> int:
     return number - 1
 
 
-def decode_slice(ds: pydicom.Dataset, assembly: AssemblySettings) -> Fragment:
+def decode_slice(ds: pydicom.Dataset | LeanDataset, assembly: AssemblySettings) -> Fragment:
     where = "single-slice MR image"
     iop, ipp, spacing = plane_geometry(ds, where)
     pixels = pixel_array(ds)
