@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from boldstream.receiver.fragment import Fragment
 from boldstream.receiver.geometry import slice_affine
 from boldstream.receiver.volume import SeriesInfo, Volume, VolumeIncomplete
 
-__all__ = ["Assembler", "AssemblyStats"]
+__all__ = ["Assembler", "AssemblyStats", "Prepared"]
 
 FloatArray = npt.NDArray[np.float64]
 Event = Volume | VolumeIncomplete
@@ -69,6 +70,15 @@ class _Slice:
     along: float
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Prepared:
+    """A fragment that is a whole volume by itself, already written into its
+    float32 array in position order (:meth:`Assembler.prepare`)."""
+
+    fragment: Fragment
+    data: npt.NDArray[np.float32]
+
+
 @dataclass(slots=True)
 class _Pending:
     index: int
@@ -78,6 +88,8 @@ class _Pending:
     last_received: float
     slices: dict[int, _Slice] = field(default_factory=dict)
     uids: dict[str, None] = field(default_factory=dict)
+    #: The array of the fragment that opened this volume, when prepared.
+    prepared: Prepared | None = None
 
 
 @dataclass(slots=True)
@@ -109,14 +121,44 @@ class Assembler:
         """Incomplete volumes held in memory, over all series."""
         return sum(len(s.pending) for s in self._series.values())
 
-    def add(self, fragments: list[Fragment], *, received: float) -> list[Event]:
+    def prepare(self, fragments: list[Fragment]) -> list[Prepared]:
+        """Write, ahead of :meth:`add`, the arrays of fragments that hold a whole
+        volume by themselves (a mosaic, an enhanced instance per volume).
+
+        Filling the float32 array is most of the cost of assembling such a
+        volume and depends on nothing but the fragment, so the ingest does it
+        while the instance's durable write runs, and only what depends on the
+        series' state waits for the write. :meth:`add` uses an array only for
+        a volume made of exactly that fragment's slices; otherwise it fills
+        the volume as usual.
+        """
+        out = []
+        for fragment in fragments:
+            n = fragment.n_slices
+            if n < 1 or fragment.expected_slices != n:
+                continue
+            along = fragment.positions @ fragment.normal
+            if len({round(float(a) / _POSITION_QUANTUM_MM) for a in along}) != n:
+                continue  # two tiles at one position: add() sorts that out
+            rows, cols = fragment.matrix
+            data = np.empty((cols, rows, n), dtype=np.float32)
+            for z, k in enumerate(np.argsort(along, kind="stable")):
+                _fill(data[:, :, z], _Slice(fragment, int(k), float(along[k])))
+            out.append(Prepared(fragment, data))
+        return out
+
+    def add(
+        self, fragments: list[Fragment], *, received: float, prepared: Sequence[Prepared] = ()
+    ) -> list[Event]:
         """Take the fragments of one instance; return the volumes they complete.
 
-        Raises :class:`DicomInputError` (and keeps nothing of the instance)
-        when the instance does not fit its series: another matrix, pixel
-        spacing, slice count or slice orientation than the volume it joins.
+        ``prepared``: what :meth:`prepare` made of these fragments. Raises
+        :class:`DicomInputError` (and keeps nothing of the instance) when the
+        instance does not fit its series: another matrix, pixel spacing,
+        slice count or slice orientation than the volume it joins.
         """
         self._validate(fragments)
+        ready = {id(p.fragment): p for p in prepared}
         out: list[Event] = []
         for fragment in fragments:
             series = self._series_for(fragment, received)
@@ -139,6 +181,7 @@ class Assembler:
                     normal=fragment.normal,
                     first_received=received,
                     last_received=received,
+                    prepared=ready.get(id(fragment)),
                 )
                 series.pending[fragment.index] = pending
             self._insert(series, pending, fragment, received)
@@ -331,9 +374,17 @@ class Assembler:
             slice_spacing=first.slice_spacing,
         )
         rows, cols = series.matrix
-        data = np.empty((cols, rows, len(items)), dtype=np.float32)
-        for z, item in enumerate(items):
-            _fill(data[:, :, z], item)
+        ahead = pending.prepared
+        if (
+            ahead is not None
+            and all(item.fragment is ahead.fragment for item in items)
+            and (len(items) == ahead.fragment.n_slices)
+        ):
+            data = ahead.data  # filled while the instance was being written
+        else:
+            data = np.empty((cols, rows, len(items)), dtype=np.float32)
+            for z, item in enumerate(items):
+                _fill(data[:, :, z], item)
         if series.info.slice_timing is None:
             timing = _slice_timing(items)
             if timing is None and series.info.encoding == "slice":

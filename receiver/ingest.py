@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from boldstream.config.settings import Settings
 from boldstream.errors import DicomInputError
 from boldstream.logs import get_logger
-from boldstream.receiver.assembly import Assembler
+from boldstream.receiver.assembly import Assembler, Prepared
 from boldstream.receiver.decode import Fragment, decode_instance
 from boldstream.receiver.lean import LeanDataset, read_lean
 from boldstream.receiver.scp import Received
@@ -232,6 +232,7 @@ class Ingest:
             return
         selection = self._selection(uid, item, ds)
         fragments: list[Fragment] = []
+        prepared: list[Prepared] = []
         problem: DicomInputError | None = None
         with structlog.contextvars.bound_contextvars(series=uid):
             if selection.analyse:
@@ -240,6 +241,7 @@ class Ingest:
                     fragments = decode_instance(ds, assembly=self.settings.assembly)
                 except DicomInputError as exc:
                     problem = exc
+                prepared = self._assembler.prepare(fragments)
                 if selection.reference:
                     fragments = [
                         replace(f, series=replace(f.series, reference=True)) for f in fragments
@@ -254,7 +256,7 @@ class Ingest:
             try:
                 if problem is not None:
                     raise problem
-                events = self._assembler.add(fragments, received=item.received)
+                events = self._assembler.add(fragments, received=item.received, prepared=prepared)
             except DicomInputError as exc:
                 self.stats.undecodable += 1
                 self._log.warning(

@@ -17,6 +17,8 @@ from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.decode import Fragment, decode_instance
 from boldstream.receiver.geometry import slice_affine
 from boldstream.receiver.volume import Volume, VolumeIncomplete
+from boldstream.simulator.encode import SeriesSpec, encode_volume
+from boldstream.simulator.phantom import make_phantom_run
 
 SETTINGS = AssemblySettings(volume_timeout_s=10.0, slice_grace_s=1.0, series_idle_timeout_s=300.0)
 T0 = 1_700_000_000.0
@@ -59,6 +61,42 @@ def test_mosaic_becomes_one_volume_voxel_for_voxel(mosaic_path: Path) -> None:
     assert volume.series.slice_timing is not None and len(volume.series.slice_timing) == 35
     assert np.allclose(volume.voxel_size, [3.25, 3.25, 3.6], atol=1e-6)
     assert assembler.pending_volumes == 0
+
+
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_a_prepared_mosaic_gives_the_same_volume(orientation: str) -> None:
+    """What prepare() fills ahead of the durable write is the volume add() would fill."""
+    run = make_phantom_run(n_volumes=2, shape=(20, 16, 7), orientation=orientation)
+    spec = SeriesSpec(tr_s=2.0, n_volumes=2)
+    for t in range(2):
+        (ds,) = encode_volume(run.volume(t), run.vox2ras, spec, t, encoding="mosaic")
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -3  # the cast path with a rescale
+        fragments = _decode(ds)
+        plain = _only_volume(Assembler(SETTINGS).add(fragments, received=T0))
+        assembler = Assembler(SETTINGS)
+        prepared = assembler.prepare(fragments)
+        assert len(prepared) == 1
+        ahead = _only_volume(assembler.add(fragments, received=T0, prepared=prepared))
+        assert ahead.data is prepared[0].data  # used, not filled again
+        np.testing.assert_array_equal(ahead.data, plain.data)
+        np.testing.assert_array_equal(ahead.vox2ras, plain.vox2ras)
+        assert ahead.series == plain.series and ahead.index == plain.index == t
+
+
+def test_a_prepared_array_is_used_only_for_its_own_fragment(builders: ModuleType) -> None:
+    volumes, _ = builders.build_series(1, 3, images_in_acquisition=3)
+    slices = [_decode(ds)[0] for ds in volumes[0]]
+    assembler = Assembler(SETTINGS)
+    assert assembler.prepare(slices[:1]) == []  # one slice of three: nothing to prepare
+    run = make_phantom_run(n_volumes=1, shape=(20, 16, 7))
+    (ds,) = encode_volume(run.volume(0), run.vox2ras, SeriesSpec(tr_s=2.0, n_volumes=1), 0,
+                          encoding="mosaic")  # fmt: skip
+    fragment = _decode(ds)[0]
+    prepared = assembler.prepare([fragment])
+    twin = dataclasses.replace(fragment)  # the same content, another fragment
+    volume = _only_volume(assembler.add([twin], received=T0, prepared=prepared))
+    assert volume.data is not prepared[0].data
+    np.testing.assert_array_equal(volume.data, prepared[0].data)
 
 
 def test_three_mosaics_are_three_consecutive_volumes(b0dwi_paths: list[Path]) -> None:
