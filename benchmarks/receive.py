@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -67,6 +68,7 @@ from boldstream.logs import configure_logging
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.association import PromptRequestHandler
 from boldstream.receiver.decode import decode_instance
+from boldstream.receiver.lean import read_lean
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume
@@ -244,17 +246,22 @@ def _durable_writes(root: Path, files: Sequence[Path], *, gap_s: float = 0.0) ->
 
 
 def _assembly_alone(files: Sequence[Path], assembly: AssemblySettings) -> list[float]:
-    """Per volume, ms from handing in its last instance to the volume returned.
+    """Per volume, ms from handing in the bytes of its last instance to the volume returned.
 
-    Decode and assembly only, called as ``dicom_volumes`` calls them; the
-    files are parsed by pydicom beforehand (the network layer's job live).
+    What the ingest does with an instance, without network, spool or hand-over:
+    read it (``receiver/lean.py``, or pydicom where that reader steps aside),
+    decode it, and assemble it (``prepare`` then ``add``, as the ingest does on
+    either side of the durable write).
     """
-    datasets = [pydicom.dcmread(path) for path in files]
+    blobs = [path.read_bytes() for path in files]
     assembler = Assembler(assembly)
     latencies: list[float] = []
-    for ds in datasets:
+    for data in blobs:
         start = time.perf_counter()
-        events = assembler.add(decode_instance(ds, assembly=assembly), received=time.time())
+        ds = read_lean(data) or pydicom.dcmread(io.BytesIO(data))
+        fragments = decode_instance(ds, assembly=assembly)
+        prepared = assembler.prepare(fragments)
+        events = assembler.add(fragments, received=time.time(), prepared=prepared)
         elapsed = (time.perf_counter() - start) * 1e3
         latencies += [elapsed for event in events if isinstance(event, Volume)]
     if assembler.pending_volumes or assembler.stats.incomplete or not latencies:
@@ -470,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         print("\nassembly latency, last instance of a volume received -> volume ready (ms);")
         print("the first rows are under the flood above, the paced rows as a scanner sends;")
-        print("'alone' rows: decode_instance + Assembler called directly on the same files,")
-        print(f"no network, no spool ({args.repeats} passes)\n")
+        print("'alone' rows: what the ingest does with the same files' bytes (read, decode,")
+        print(f"assemble), no network, no spool, no hand-over ({args.repeats} passes)\n")
         print(table(["series", "volumes", "p50", "p95", "max"], lat_rows))
     finally:
         shutil.rmtree(root, ignore_errors=True)
