@@ -123,6 +123,7 @@ def _same_fragments(lean: Any, ref: Any) -> None:
                 assert x == y, field
 
 
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # a long SH in a sample
 @pytest.mark.parametrize("syntax", list(SYNTAXES))
 def test_lean_reads_what_pydicom_reads(samples: list[tuple[str, Dataset]], syntax: str) -> None:
     selector = SeriesSelector(SelectorSettings(exclude_image_types=()))
@@ -231,6 +232,7 @@ def _reference(data: bytes) -> Any:
         return f"raised: {type(exc).__name__}"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # damaged on purpose
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
