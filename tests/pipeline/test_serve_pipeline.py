@@ -78,6 +78,17 @@ class _Serve:
         return code
 
 
+def _until_qc(sub: Subscriber, n: int, timeout_s: float = 90.0) -> list[Message]:
+    """Everything ``sub`` receives until ``n`` qc results are in (bounded)."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(m.topic == topics.QC for m in got) < n:
+        assert time.monotonic() < deadline, Counter(m.topic for m in got)
+        if (m := sub.recv(timeout_ms=1000)) is not None:
+            got.append(m)
+    return got
+
+
 def test_serve_publishes_motion_and_qc_of_volumes_sent_by_storescu(
     tmp_path: Path, heudiconv_data: Path, ctx: zmq.Context[Any]
 ) -> None:
@@ -100,13 +111,7 @@ def test_serve_publishes_motion_and_qc_of_volumes_sent_by_storescu(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        got: list[Message] = []
-        deadline = time.monotonic() + 90
-        while sum(m.topic == topics.QC for m in got) < 3:
-            assert time.monotonic() < deadline, Counter(m.topic for m in got)
-            m = sub.recv(timeout_ms=1000)
-            if m is not None:
-                got.append(m)
+        got = _until_qc(sub, 3)
         snapshot = request_snapshot(server.snapshot, context=ctx)
         sub.close()
     finally:
@@ -157,12 +162,7 @@ def test_an_sbref_sent_before_the_run_is_its_motion_reference(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        got: list[Message] = []
-        deadline = time.monotonic() + 90
-        while sum(m.topic == topics.QC for m in got) < 4:
-            assert time.monotonic() < deadline, Counter(m.topic for m in got)
-            if (m := sub.recv(timeout_ms=1000)) is not None:
-                got.append(m)
+        got = _until_qc(sub, 4)
         sub.close()
     finally:
         assert server.stop() == 0
