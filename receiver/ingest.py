@@ -173,15 +173,14 @@ class Ingest:
         if state is None:
             state = _SeriesState(str(ds.get("StudyInstanceUID", "")), selection, item.received)
             self._series[uid] = state
+            if selection.reference:
+                event = "new series: a motion reference (SBRef), not analysed"
+            elif selection.analyse:
+                event = "new series"
+            else:
+                event = "new series: spooled only, not analysed"
             self._log.info(
-                "new series"
-                + (
-                    ": a motion reference (SBRef), not analysed"
-                    if selection.reference
-                    else ""
-                    if selection.analyse
-                    else ": spooled only, not analysed"
-                ),
+                event,
                 series=uid,
                 description=str(ds.get("SeriesDescription", "")),
                 reason=selection.reason,
@@ -241,11 +240,11 @@ class Ingest:
                     fragments = decode_instance(ds, assembly=self.settings.assembly)
                 except DicomInputError as exc:
                     problem = exc
-                prepared = self._assembler.prepare(fragments)
                 if selection.reference:
                     fragments = [
                         replace(f, series=replace(f.series, reference=True)) for f in fragments
                     ]
+                prepared = self._assembler.prepare(fragments)
             if not self._wait_durable(item):
                 return  # refused to the scanner, or a duplicate: the handler logged it
             self.stats.instances += 1
