@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 __all__ = [
+    "UNDEFINED_LENGTH",
     "InstanceHeader",
     "UnwalkableError",
     "header_from_dataset",
@@ -37,7 +38,8 @@ __all__ = [
     "top_level_elements",
 ]
 
-_UNDEFINED = 0xFFFFFFFF
+#: The length of a sequence or encapsulated value whose end is a delimiter.
+UNDEFINED_LENGTH = 0xFFFFFFFF
 #: VRs whose explicit-VR header has two reserved bytes and a 32-bit length.
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 _VRS = _LONG_VRS | frozenset(
@@ -120,7 +122,7 @@ def _skip_items(data: bytes, pos: int, explicit: bool) -> int:
             return pos
         if tag != _ITEM:
             raise UnwalkableError("expected an item in an undefined-length value")
-        if length != _UNDEFINED:
+        if length != UNDEFINED_LENGTH:
             pos += length
             continue
         while True:  # an undefined-length item: its elements, then the item delimiter
@@ -133,7 +135,7 @@ def _skip_items(data: bytes, pos: int, explicit: bool) -> int:
 
 
 def _skip_value(data: bytes, pos: int, vr: bytes, length: int, explicit: bool) -> int:
-    if length != _UNDEFINED:
+    if length != UNDEFINED_LENGTH:
         return pos + length
     # Undefined length: a sequence, encapsulated pixel data, or UN holding an
     # implicit-VR sequence (PS3.5 6.2.2).
@@ -143,12 +145,12 @@ def _skip_value(data: bytes, pos: int, vr: bytes, length: int, explicit: bool) -
 def top_level_elements(
     data: bytes, explicit: bool, *, start: int = 0, group: int | None = None
 ) -> Iterator[tuple[int, bytes, int, int]]:
-    """``(tag, VR, value offset, length)`` of each top-level element with a
-    defined length, from ``start`` to the end of ``data`` (or, with ``group``,
-    up to the first element of another group). Sequences and other
-    undefined-length values are skipped; raises :class:`UnwalkableError` (or
-    :class:`struct.error`) on a stream it cannot walk to its end. ``VR`` is
-    ``b""`` for implicit VR."""
+    """``(tag, VR, value offset, length)`` of each top-level element, from
+    ``start`` to the end of ``data`` (or, with ``group``, up to the first
+    element of another group). An undefined-length value (a sequence,
+    encapsulated pixel data) is yielded with length :data:`UNDEFINED_LENGTH`
+    and then skipped. Raises :class:`UnwalkableError` (or :class:`struct.error`)
+    on a stream it cannot walk to its end. ``VR`` is ``b""`` for implicit VR."""
     pos, end = start, len(data)
     while pos < end:
         if group is not None and _TAG_LENGTH.unpack_from(data, pos)[0] != group:
@@ -156,7 +158,8 @@ def top_level_elements(
         tag, vr, length, pos = _element(data, pos, explicit)
         if tag >> 16 == 0xFFFE:
             raise UnwalkableError("item or delimiter outside a sequence")
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
+            yield tag, vr, pos, length
             pos = _skip_value(data, pos, vr, length, explicit)
             continue
         if pos + length > end:
@@ -171,18 +174,10 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
     values: dict[int, str | int] = {}
     pixel_bytes: int | None = None
     has_pixels = False
-    pos, end = 0, len(data)
-    while pos < end:
-        tag, vr, length, pos = _element(data, pos, explicit)
-        if tag >> 16 == 0xFFFE:
-            raise UnwalkableError("item or delimiter outside a sequence")
-        if length == _UNDEFINED:
+    for tag, vr, pos, length in top_level_elements(data, explicit):
+        if length == UNDEFINED_LENGTH:
             has_pixels = has_pixels or tag == _PIXEL_DATA  # encapsulated
-            pos = _skip_value(data, pos, vr, length, explicit)
-            continue
-        if pos + length > end:
-            raise UnwalkableError("value runs past the end")
-        if tag in _TEXT:
+        elif tag in _TEXT:
             if vr not in (b"", b"UI", b"CS", b"IS"):
                 raise UnwalkableError("a checked element with an unexpected VR")
             values[tag] = _text(data[pos : pos + length])
@@ -192,9 +187,6 @@ def _walk(data: bytes, explicit: bool) -> InstanceHeader:
             values[tag] = _US.unpack_from(data, pos)[0]
         elif tag == _PIXEL_DATA:
             has_pixels, pixel_bytes = True, length
-        pos += length
-    if pos != end:
-        raise UnwalkableError("last element runs past the end")
 
     def text(tag: int) -> str | None:
         value = values.get(tag)

@@ -30,7 +30,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from boldstream.receiver.header import UnwalkableError, top_level_elements
+from boldstream.receiver.header import UNDEFINED_LENGTH, UnwalkableError, top_level_elements
 
 __all__ = ["KEYWORDS", "LeanDataset", "read_lean"]
 
@@ -230,6 +230,8 @@ def _file_meta(data: bytes) -> tuple[str, int]:
     syntax = None
     end = _PREAMBLE + 4
     for tag, _vr, start, length in top_level_elements(data, True, start=end, group=0x0002):
+        if length == UNDEFINED_LENGTH:
+            raise _NotLeanError("an undefined-length element in the file meta")
         end = start + length
         if tag == _TRANSFER_SYNTAX:
             syntax = _ascii(data[start:end]).rstrip(" \x00")
@@ -247,6 +249,10 @@ def _read(data: bytes) -> LeanDataset | None:
     private: dict[int, bytes] = {}
     vrs: dict[int, bytes] = {}
     for tag, vr, start, length in top_level_elements(data, explicit, start=offset):
+        if length == UNDEFINED_LENGTH:
+            if tag in _WANTED or tag >> 16 == _CSA_GROUP:
+                raise _NotLeanError("an element it reads is a sequence or encapsulated")
+            continue
         wanted = _WANTED.get(tag)
         if wanted is not None:
             keyword, dictionary = wanted
