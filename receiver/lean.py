@@ -136,7 +136,9 @@ def _convert(vr: str, raw: bytes) -> Any:
         return _multi(text.strip().rstrip(" \x00"), _is)
     if vr in ("LO", "SH", "UC"):
         return _multi(text, lambda v: v.rstrip("\x00 "))
-    if vr in ("CS", "UI", "TM", "DA", "AS", "DT"):
+    if vr == "UI":  # pydicom's UID strips every value of whitespace, both ends
+        return _multi(text.rstrip(" \x00"), str.strip)
+    if vr in ("CS", "TM", "DA", "AS", "DT"):
         return _multi(text.rstrip(" \x00"), str)
     raise _NotLeanError(f"VR {vr} is not read here")
 

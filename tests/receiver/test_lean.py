@@ -160,6 +160,7 @@ def test_built_slices_and_their_errors(builders: ModuleType) -> None:
             _same_fragments(_outcome(lean), _outcome(pydicom.dcmread(io.BytesIO(data))))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # damaged on purpose
 def test_what_it_does_not_read_exactly_goes_to_pydicom(builders: ModuleType) -> None:
     ds = builders.build_series(1, 1)[0][0][0]
     good = part10(ds, ExplicitVRLittleEndian)
@@ -170,6 +171,14 @@ def test_what_it_does_not_read_exactly_goes_to_pydicom(builders: ModuleType) -> 
     latin.SpecificCharacterSet = "ISO_IR 100"
     latin.SeriesDescription = "r\xe9pos"
     assert read_lean(part10(latin, ExplicitVRLittleEndian)) is None
+    # A UID with a stray tab in front (hypothesis found it): pydicom's UID strips it.
+    sop_uid = b"\x08\x00\x18\x00UI@\x001.2"  # (0008,0018) SOPInstanceUID, explicit VR
+    tabbed = part10(ds, ExplicitVRLittleEndian).replace(sop_uid, sop_uid[:-3] + b"\t.2", 1)
+    assert tabbed != part10(ds, ExplicitVRLittleEndian)
+    lean_tabbed = read_lean(tabbed)
+    assert lean_tabbed is not None
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        assert lean_tabbed.get(keyword) == pydicom.dcmread(io.BytesIO(tabbed)).get(keyword)
     odd = copy.deepcopy(ds)
     odd.SliceThickness = "9.25"
     data = part10(odd, ImplicitVRLittleEndian)
