@@ -190,16 +190,17 @@ class LeanDataset:
         pixels: bytes = self._values["PixelData"]
         return pixels
 
-    def csa_block(self) -> int | None:
-        """First element of the "SIEMENS CSA HEADER" block in group 0029, found as
-        nibabel's ``get_csa_header`` finds it (None where it would find none)."""
-        if 0x0010 not in self._private:
-            return None
+    def _block(self, creator: str) -> int | None:
+        """First element of ``creator``'s private block in group 0029, or None."""
         for element in sorted(e for e in self._private if e <= 0xFF):
-            name = self._private[element].rstrip(b"\x00 ").decode("latin-1")
-            if name == _CSA_CREATOR:
+            if self._private[element].rstrip(b"\x00 ").decode("latin-1") == creator:
                 return element << 8
         return None
+
+    def csa_block(self) -> int | None:
+        """First element of the "SIEMENS CSA HEADER" block, found as nibabel's
+        ``get_csa_header`` finds it (which also needs (0029,0010) present)."""
+        return self._block(_CSA_CREATOR) if 0x0010 in self._private else None
 
     def csa_element(self, offset: int) -> bytes | None:
         """The raw CSA element at ``offset`` (0x10 image, 0x20 series) of that block."""
@@ -208,18 +209,14 @@ class LeanDataset:
 
     def private_block(self, group: int, creator: str) -> dict[int, _Value]:
         """Like pydicom's: the block's elements by offset; KeyError without one."""
-        if group != _CSA_GROUP:
-            raise KeyError(f"group {group:04X} is not read")
-        for element in range(0x10, 0x100):
-            name = self._private.get(element)
-            if name is not None and name.rstrip(b"\x00 ").decode("ascii", "replace") == creator:
-                base = element << 8
-                return {
-                    offset: _Value(raw)
-                    for offset in range(0x100)
-                    if (raw := self._private.get(base | offset)) is not None
-                }
-        raise KeyError(f"no private block {creator!r}")
+        block = self._block(creator) if group == _CSA_GROUP else None
+        if block is None:
+            raise KeyError(f"no private block {creator!r} in group {group:04X}")
+        return {
+            element - block: _Value(raw)
+            for element, raw in self._private.items()
+            if block <= element < block + 0x100
+        }
 
 
 _KEYWORD_SET = frozenset(KEYWORDS)
