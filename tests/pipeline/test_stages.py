@@ -143,17 +143,7 @@ def test_interleaved_series_are_kept_apart() -> None:
 def test_a_failing_series_does_not_touch_another() -> None:
     a, b = make_series("1.2.3.10"), make_series("1.2.3.20")
     va, vb = volumes(10, a), volumes(10, b, seed=1)
-    bad = Volume(
-        data=np.ones((8, 8, 8), dtype=np.float32),
-        vox2ras=va[4].vox2ras,
-        series=a,
-        index=4,
-        acquisition_time=None,
-        first_received=va[4].first_received,
-        last_received=va[4].last_received,
-        assembled=va[4].assembled,
-    )
-    va[4] = bad
+    va[4] = replace(va[4], data=np.ones((8, 8, 8), dtype=np.float32), acquisition_time=None)
     mixed = [Message(v) for pair in zip(va, vb, strict=True) for v in pair]
     out = run_chain(MotionStage(), QCStage(), mixed)
     of_a = [m for m in out if m.series == a]
@@ -187,16 +177,7 @@ def test_a_lost_volume_counts_as_scan_time_and_a_nan_volume_stays_out_of_tsnr() 
     vols = volumes(10, series)
     nan = vols[6].data.copy()
     nan[nan.shape[0] // 2] = np.nan  # one slice of NaN (float input)
-    vols[6] = Volume(
-        data=nan,
-        vox2ras=vols[6].vox2ras,
-        series=series,
-        index=6,
-        acquisition_time=None,
-        first_received=vols[6].first_received,
-        last_received=vols[6].last_received,
-        assembled=vols[6].assembled,
-    )
+    vols[6] = replace(vols[6], data=nan, acquisition_time=None)
     messages = [Message(v) for v in vols[:4]]
     messages.append(Message(Gap(series, 4, "timeout")))
     messages.extend(Message(v) for v in vols[5:])
