@@ -61,10 +61,8 @@ class ReceiverSettings(_Section):
     allowed_addresses: tuple[str, ...] = ()
     #: Associations served in parallel (each in its own thread).
     max_associations: int = Field(default=8, ge=1, le=64)
-    #: Largest PDU we accept; 0 means unlimited. 128 KiB is DCMTK's own cap on
-    #: what it sends; a larger data set then spans PDUs, and the spool starts
-    #: writing it while the rest arrives (receiver/dimse.py).
-    max_pdu_size: int = Field(default=131072, ge=0)
+    #: Largest PDU we accept; 0 means unlimited.
+    max_pdu_size: int = Field(default=0, ge=0)
     #: fsync each instance and its directory before answering success.
     fsync: bool = True
     #: Seconds a socket may stay silent before the association is aborted.

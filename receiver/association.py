@@ -18,10 +18,8 @@ rely on is kept where pynetdicom has it: before a message is taken.
 :class:`PromptRequestHandler` lets pynetdicom build and configure the
 association, then gives the instance this subclass's reactor and
 :class:`~boldstream.receiver.dimse.LeanDIMSEServiceProvider`, which reads
-plain C-STORE requests and writes their responses without pydicom, and
-writes their data sets to the server's spool as they arrive (see that
-module; the early files of an association that ends are removed when its
-reactor stops). When the ``pynetdicom`` logger prints nothing below WARNING (the
+plain C-STORE requests and writes their responses without pydicom (see that
+module). When the ``pynetdicom`` logger prints nothing below WARNING (the
 default, see :func:`boldstream.logs.configure_logging`) it also unbinds
 pynetdicom's "standard" tracing handlers: bound to every PDU and DIMSE
 message sent or received, they read each command set through pydicom and
@@ -62,14 +60,6 @@ class PromptAssociation(Association):
     poll_s: float = 0.001
 
     def _run_reactor(self) -> None:
-        try:
-            self._react()
-        finally:
-            dimse = self.dimse
-            if isinstance(dimse, LeanDIMSEServiceProvider):
-                dimse.abandon_incoming()  # no .part file outlives its association
-
-    def _react(self) -> None:
         self._is_paused = False
         while not self._kill:
             # pynetdicom's pause point (used by send_* on this association).
@@ -131,8 +121,6 @@ class PromptRequestHandler(RequestHandler):
         assoc: Any = super()._create_association()
         assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
         assoc.dimse.__class__ = LeanDIMSEServiceProvider
-        # The server's spool (boldstream's SCP sets it) takes data sets as they arrive.
-        assoc.dimse.spool = getattr(self.server, "spool", None)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             for event, handler in _TRACING:
                 assoc.unbind(event, handler)

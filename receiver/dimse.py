@@ -21,13 +21,7 @@ hands everything else to pynetdicom unchanged:
   ``struct``; the primitive is then filled through pynetdicom's own setters
   (which validate the UIDs as they do for pynetdicom's path) and queued as
   pynetdicom queues it. Data-set fragments are collected as pynetdicom
-  collects them and, when the provider is given the spool and a data set
-  spans more than one PDU (a mosaic does: DCMTK sends PDUs of up to 128 KiB),
-  also written to an early ``.part`` file as they arrive (:meth:`Spool.begin
-  <boldstream.receiver.spool.Spool.begin>`): by the time the handler has
-  checked the instance, most of it is on its way to disk, and the fsync
-  before the answer waits only for the tail. :func:`incoming_of` hands that
-  file to the handler, which stores it or discards it.
+  collects them.
 
 Neither path is taken when a handler is bound to ``EVT_DIMSE_SENT`` or
 ``EVT_DIMSE_RECV`` (those events hand pynetdicom's message object to the
@@ -38,7 +32,6 @@ Endian (PS3.7 6.3.1).
 
 from __future__ import annotations
 
-import queue
 import struct
 from io import BytesIO
 from typing import Any, cast
@@ -49,10 +42,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from boldstream.logs import get_logger
-from boldstream.receiver.part10 import part10_prefix
-from boldstream.receiver.spool import Incoming, Spool
 
-__all__ = ["LeanDIMSEServiceProvider", "encode_store_response", "incoming_of"]
+__all__ = ["LeanDIMSEServiceProvider", "encode_store_response"]
 
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
@@ -153,26 +144,12 @@ def read_store_request(command: bytes) -> dict[int, Any] | None:
     return values
 
 
-_INCOMING = "_boldstream_incoming"
-
-
-def incoming_of(request: Any) -> Incoming | None:
-    """The early spool write of a C-STORE request, if its data set had one."""
-    incoming = getattr(request, _INCOMING, None)
-    return incoming if isinstance(incoming, Incoming) else None
-
-
 class LeanDIMSEServiceProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, with plain C-STORE requests and responses direct."""
 
-    #: Where data sets are written as they arrive (None: collected in memory only).
-    spool: Spool | None = None
     #: The C-STORE request whose data set is being collected (lean path only).
     _store: C_STORE | None = None
     _store_data: BytesIO | None = None
-    _incoming: Incoming | None = None
-    _early = False  # start an early write when the data set spans PDUs
-    _transfer_syntaxes: dict[int, str] | None = None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self._store is None:
@@ -184,7 +161,6 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
             pdvs = primitive.presentation_data_value_list
         data = self._store_data
         assert data is not None
-        incoming = self._incoming
         for _, fragment in pdvs:
             control = fragment[0]
             if control & 1:
@@ -194,43 +170,16 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
                     "association aborted: a command fragment inside a data set",
                     calling_aet=self.assoc.requestor.ae_title,
                 )
-                self.abandon_incoming()
+                self._store = self._store_data = None
                 self.dul.event_queue.put("Evt19")
                 return
-            chunk = memoryview(fragment)[1:]
-            data.write(chunk)
-            if incoming is not None:
-                incoming.write(chunk)
-            elif self._early and not control & 2:
-                # The data set goes on in a later PDU: start writing it now. (One
-                # that comes whole in one PDU gains nothing, and is written whole.)
-                self._early = False
-                incoming = self._incoming = self._begin_incoming(self._store)
-                if incoming is not None:
-                    incoming.write(data.getvalue())
+            data.write(fragment[1:])
             if control & 2:
                 store, self._store, self._store_data = self._store, None, None
-                self._incoming = None
                 assert store is not None
                 store.DataSet = data
-                if incoming is not None:
-                    setattr(store, _INCOMING, incoming)
                 self.msg_queue.put((cast(int, store._context_id), store))
                 return
-
-    def abandon_incoming(self) -> None:
-        """Drop the data set being collected (the association is ending)."""
-        if self._incoming is not None:
-            self._incoming.discard()
-        self._store = self._store_data = self._incoming = None
-        while True:  # complete requests the reactor will not serve now
-            try:
-                _, message = self.msg_queue.get_nowait()
-            except queue.Empty:
-                return
-            incoming = incoming_of(message)
-            if incoming is not None:
-                incoming.discard()
 
     def _start_store(self, primitive: P_DATA) -> bool:
         """Begin a C-STORE-RQ on the lean path if its command is all in the first PDV."""
@@ -255,32 +204,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
             return False
         store._context_id = pdvs[0][0]  # no file-backed data set: pynetdicom's defaults stand
         self._store, self._store_data = store, BytesIO()
-        self._early = self.spool is not None
         return True
-
-    def _begin_incoming(self, store: C_STORE | None) -> Incoming | None:
-        """An early spool write for ``store``'s data set, or None (written whole later)."""
-        if self.spool is None or store is None:
-            return None
-        if self._transfer_syntaxes is None:
-            self._transfer_syntaxes = {
-                cx.context_id: str(cx.transfer_syntax[0])
-                for cx in self.assoc.accepted_contexts
-                if cx.context_id is not None and cx.transfer_syntax
-            }
-        transfer = self._transfer_syntaxes.get(cast(int, store._context_id))
-        if transfer is None:
-            return None
-        prefix = part10_prefix(
-            sop_class_uid=str(store.AffectedSOPClassUID),
-            sop_instance_uid=str(store.AffectedSOPInstanceUID),
-            transfer_syntax=transfer,
-        )
-        try:
-            return self.spool.begin(prefix)
-        except OSError as exc:  # the handler writes the instance whole, and reports
-            _LOG.debug("early spool write not started", error=str(exc))
-            return None
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (

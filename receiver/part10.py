@@ -15,7 +15,7 @@ import struct
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-__all__ = ["part10_bytes", "part10_prefix"]
+__all__ = ["part10_bytes"]
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
@@ -33,8 +33,10 @@ _IMPLEMENTATION = _element(
 ) + _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" ")
 
 
-def part10_prefix(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, prefix and File Meta Information: what comes before the dataset.
+def part10_bytes(
+    dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+) -> bytes:
+    """Preamble, prefix, File Meta Information and ``dataset`` (as encoded).
 
     The UIDs are the C-STORE request's (Media Storage SOP Class/Instance UID)
     and the presentation context's transfer syntax, as pynetdicom sets them.
@@ -49,16 +51,4 @@ def part10_prefix(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
         )
     )
     length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(group))
-    return b"".join((_PREAMBLE, length, group))
-
-
-def part10_bytes(
-    dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
-) -> bytes:
-    """The Part 10 file: :func:`part10_prefix` followed by ``dataset`` as encoded."""
-    prefix = part10_prefix(
-        sop_class_uid=sop_class_uid,
-        sop_instance_uid=sop_instance_uid,
-        transfer_syntax=transfer_syntax,
-    )
-    return prefix + dataset
+    return b"".join((_PREAMBLE, length, group, dataset))

@@ -58,10 +58,9 @@ from boldstream.config.settings import ReceiverSettings
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
 from boldstream.receiver.association import PromptRequestHandler
-from boldstream.receiver.dimse import incoming_of
 from boldstream.receiver.header import header_from_dataset, pixel_data_problem, scan_header
 from boldstream.receiver.part10 import part10_bytes
-from boldstream.receiver.spool import Incoming, Spool, SpoolFullError, check_uid
+from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -221,8 +220,6 @@ class _TunedServer(ThreadedAssociationServer):
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     handshake_timeout_s: float = 30.0
     log: Any = None
-    #: Data sets are written here as they arrive (see receiver/dimse.py).
-    spool: Spool | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -351,22 +348,6 @@ def handle_store(
     log: Any,
 ) -> int:
     """EVT_C_STORE: validate, write durably, enqueue, answer."""
-    incoming = incoming_of(event.request)
-    try:
-        return _store(event, incoming, spool, deliver, stats, log)
-    finally:
-        if incoming is not None:
-            incoming.discard()  # refused, or failed: no early file is left behind
-
-
-def _store(
-    event: evt.Event,
-    incoming: Incoming | None,
-    spool: Spool,
-    deliver: Callable[[Received], None],
-    stats: ReceiverStats,
-    log: Any,
-) -> int:
     received = time.time()
     calling = event.assoc.requestor.ae_title
     request = event.request
@@ -420,7 +401,7 @@ def _store(
     )
     stored = None
     try:
-        stored = spool.store(study, series, sop_uid, encoded, incoming=incoming)
+        stored = spool.store(study, series, sop_uid, encoded)
     except SpoolFullError as exc:
         stats.add(out_of_resources=1)
         log.error("instance refused: spool full", status="0xA700", reason=str(exc), sop=sop_uid)
@@ -579,7 +560,6 @@ class StorageSCP:
         )
         server.handshake_timeout_s = ae.acse_timeout
         server.log = self._log
-        server.spool = self.spool
         thread = threading.Thread(target=server.serve_forever, name="boldstream-scp", daemon=True)
         thread.start()
         ae._servers.append(server)

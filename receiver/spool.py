@@ -8,15 +8,6 @@ fsync'd. Only then does the C-STORE handler answer success. A resent instance
 (same SOP Instance UID) finds its name taken and is reported as a duplicate:
 stored once, processed once.
 
-The write may start before the instance is whole: :meth:`Spool.begin` opens
-an :class:`Incoming` file that takes the bytes as the network delivers them
-and asks the kernel to start writing each part to disk at once
-(``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on Linux, as PostgreSQL does for
-its WAL), so that the fsync before the answer waits only for the tail. Such a
-file is a ``.part`` like any other until :meth:`Spool.store` has checked it
-against the instance and linked it into place; an instance whose early write
-failed is written again whole.
-
 A series directory holding a ``.closed`` marker has been finalised; every
 other series is re-read by :meth:`Spool.pending` when the service restarts, so
 nothing that got a success status is lost to a crash.
@@ -25,21 +16,17 @@ nothing that got a success status is lost to a crash.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import re
-import sys
-import threading
 import uuid
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from boldstream.errors import DicomInputError, ReceiverError
 
-__all__ = ["Incoming", "Spool", "SpoolFullError", "StoredInstance", "check_uid"]
+__all__ = ["Spool", "SpoolFullError", "StoredInstance", "check_uid"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CLOSED = ".closed"
@@ -73,91 +60,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux only; :mod:`os` does not expose it)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def _abandon(fd: int, path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-class Incoming:
-    """One instance's ``.part`` file, written as its bytes arrive (see the module doc).
-
-    :meth:`write` is called from the network thread and never raises: a
-    failed write is kept in :attr:`error`, the file is dropped, and
-    :meth:`Spool.store` writes the instance whole instead. A file that is
-    neither stored nor discarded is closed and removed when the object is
-    garbage collected, so an association that ends mid-instance leaves
-    nothing behind.
-    """
-
-    def __init__(self, folder: Path, prefix: bytes, *, writeback: bool) -> None:
-        self.path = folder / f"{uuid.uuid4().hex}.part"
-        self.prefix = prefix
-        self.size = 0
-        self.error: OSError | None = None
-        self._writeback = writeback and _sync_file_range is not None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._open = weakref.finalize(self, _abandon, self._fd, self.path)
-        self._lock = threading.Lock()
-        self.write(prefix)
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        """Append ``chunk`` and start its writeback; a failure is kept, not raised."""
-        with self._lock:
-            if not self._open.alive:
-                return
-            try:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                if self._writeback:
-                    assert _sync_file_range is not None
-                    # A hint: the fsync in Spool.store is what makes the file durable.
-                    _sync_file_range(self._fd, self.size, len(chunk), _SYNC_FILE_RANGE_WRITE)
-                self.size += len(chunk)
-            except OSError as exc:
-                self.error = exc
-                self._open()
-
-    def discard(self) -> None:
-        """Close and remove the file (a no-op once stored or discarded)."""
-        with self._lock:
-            self._open()
-
-    def _take(self, data: bytes) -> int | None:
-        """The open descriptor if the file holds exactly ``data``; else discard it."""
-        with self._lock:
-            if (
-                self._open.alive
-                and self.size == len(data)
-                and data.startswith(self.prefix)
-                and self._open.detach() is not None
-            ):
-                return self._fd
-            self._open()
-            return None
-
-
 class Spool:
     """Durable, de-duplicating instance store (thread-safe: no shared state)."""
 
@@ -186,66 +88,27 @@ class Spool:
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
-    def begin(self, prefix: bytes) -> Incoming:
-        """Open a ``.part`` file for an instance still arriving, starting with ``prefix``.
-
-        Raises :class:`OSError` if the file cannot be created (the caller then
-        leaves the whole write to :meth:`store`).
-        """
-        return Incoming(self._incoming, prefix, writeback=self.fsync)
-
-    def store(
-        self,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        data: bytes,
-        *,
-        incoming: Incoming | None = None,
-    ) -> StoredInstance:
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
         """Write one encoded instance durably; see the module docstring.
-
-        ``incoming``, when given, is this instance's early write: it is used if
-        it holds exactly ``data`` (same length, same prefix: the rest came
-        from the same network fragments), and discarded otherwise.
 
         Raises :class:`SpoolFullError` when the disk is full or below the floor,
         :class:`ReceiverError` on any other I/O failure. Never leaves a
         partial file under a final name.
         """
         final = self.path_for(study_uid, series_uid, sop_uid)
-        fd = None if incoming is None else incoming._take(data)
-        if fd is None:
-            tmp = self._incoming / f"{sop_uid}.{uuid.uuid4().hex}.part"
-        else:
-            assert incoming is not None
-            tmp = incoming.path
+        if final.exists():
+            return StoredInstance(final, duplicate=True)
+        if self.min_free_bytes:
+            st = os.statvfs(self._incoming)
+            if st.f_bavail * st.f_frsize - len(data) < self.min_free_bytes:
+                raise SpoolFullError(f"spool {self.root} is below its free-space floor")
+        tmp = self._incoming / f"{sop_uid}.{uuid.uuid4().hex}.part"
         try:
-            if final.exists():
-                return StoredInstance(final, duplicate=True)
-            if self.min_free_bytes:
-                st = os.statvfs(self._incoming)
-                if st.f_bavail * st.f_frsize - len(data) < self.min_free_bytes:
-                    raise SpoolFullError(f"spool {self.root} is below its free-space floor")
-            return self._finish(fd, tmp, final, data)
-        finally:
-            if fd is not None:  # the early write's file: closed here, unlinked in any case
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-
-    def _finish(self, fd: int | None, tmp: Path, final: Path, data: bytes) -> StoredInstance:
-        """fsync ``fd`` (or write ``data`` to ``tmp`` first), link into place."""
-        try:
-            if fd is None:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    if self.fsync:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-            elif self.fsync:
-                os.fsync(fd)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(tmp, final)

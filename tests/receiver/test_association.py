@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom.sop_class import Verification
 from structlog.testing import capture_logs
 
 from boldstream.config import load_settings
@@ -137,35 +133,3 @@ def test_idle_association_is_ended_after_the_network_timeout(scp: StorageSCP) ->
     waited = _wait(lambda: not _server_associations(scp), timeout=10)
     assert 0.5 < waited < 5.0  # network_timeout_s is 1 s
     _wait(lambda: not assoc.is_established)
-
-
-def test_an_association_aborted_mid_data_set_leaves_no_early_write(
-    scp: StorageSCP, pydicom_data: Path
-) -> None:
-    ds = dcmread(pydicom_data / "MR_small.dcm")
-    ae = AE(ae_title="SCANNER")
-    ae.add_requested_context(MRImageStorage, ds.file_meta.TransferSyntaxUID)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="BOLDSTREAM")
-    assert assoc.is_established
-    (context,) = assoc.accepted_contexts
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = MRImageStorage
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    with open(pydicom_data / "MR_small.dcm", "rb") as fh:
-        fh.seek(ds.file_meta.FileMetaInformationGroupLength + 12 + 132)
-        request.DataSet = BytesIO(fh.read())
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    pdatas = list(message.encode_msg(context.context_id, 2048))
-    assert len(pdatas) > 3
-    for pdata in pdatas[:3]:  # the command and part of the data set, then nothing
-        assoc.dul.send_pdu(pdata)
-    incoming = scp.spool.root / ".incoming"
-    _wait(lambda: len(list(incoming.iterdir())) == 1)
-    assoc.abort()
-    _wait(lambda: not _server_associations(scp))
-    _wait(lambda: list(incoming.iterdir()) == [])
-    assert not any(scp.spool.root.glob("*/*/*.dcm"))

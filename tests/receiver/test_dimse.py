@@ -15,9 +15,8 @@ from __future__ import annotations
 import queue
 import struct
 from io import BytesIO
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from pynetdicom import _config, evt
@@ -29,11 +28,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from boldstream.receiver.dimse import (
     LeanDIMSEServiceProvider,
     encode_store_response,
-    incoming_of,
     read_store_request,
 )
-from boldstream.receiver.part10 import part10_bytes
-from boldstream.receiver.spool import Spool
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -54,7 +50,6 @@ def _assoc(max_pdu: int, handlers: list[Any] | None = None, event: Any = evt.EVT
         dul=_Recorder(),
         get_handlers=lambda e: list(handlers or []) if e == event else [],
         _accepted_cx={3: SimpleNamespace(transfer_syntax=["1.2.840.10008.1.2"])},
-        accepted_contexts=[SimpleNamespace(context_id=3, transfer_syntax=["1.2.840.10008.1.2"])],
     )
 
 
@@ -188,16 +183,9 @@ def _pdatas(primitive: Any, max_pdu: int, context_id: int = 3) -> list[Any]:
     return list(message.encode_msg(context_id, max_pdu))
 
 
-def _received(
-    provider_class: type[DIMSEServiceProvider],
-    pdatas: list[Any],
-    spool: Spool | None = None,
-    **kw: Any,
-) -> Any:
+def _received(provider_class: type[DIMSEServiceProvider], pdatas: list[Any], **kw: Any) -> Any:
     assoc = _assoc(16384, **kw)
     provider = provider_class(assoc)
-    if spool is not None:
-        cast(LeanDIMSEServiceProvider, provider).spool = spool
     for pdata in pdatas:
         provider.receive_primitive(pdata)
     queued = []
@@ -380,96 +368,3 @@ def test_command_and_data_in_one_p_data_are_read_as_pynetdicom_reads_them(
     theirs = _received(DIMSEServiceProvider, [merged])
     assert _summary(ours[0]) == _summary(theirs[0]) and len(ours[0]) == 1
     assert calls[0] == 0
-
-
-# ---- the early spool write ---------------------------------------------------
-
-
-def _parts(spool: Spool) -> list[Path]:
-    return sorted((spool.root / ".incoming").iterdir())
-
-
-@pytest.mark.parametrize("max_pdu", [1000, 4096])
-def test_a_data_set_over_several_pdus_is_written_as_it_arrives(
-    tmp_path: Path, max_pdu: int
-) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    pdatas = _pdatas(_store_request(), max_pdu)
-    assert len(pdatas) > 2
-    provider = LeanDIMSEServiceProvider(_assoc(16384))
-    provider.spool = spool
-    provider.receive_primitive(pdatas[0])
-    provider.receive_primitive(pdatas[1])
-    (part,) = _parts(spool)  # open before the data set is whole
-    expected = part10_bytes(
-        DATA, sop_class_uid=MR, sop_instance_uid="1.2.3.4.5", transfer_syntax="1.2.840.10008.1.2"
-    )
-    assert expected.startswith(part.read_bytes())
-    for pdata in pdatas[2:]:
-        provider.receive_primitive(pdata)
-    ((_, store),) = [provider.msg_queue.get_nowait()]
-    assert store.DataSet.getvalue() == DATA
-    incoming = incoming_of(store)
-    assert incoming is not None and part.read_bytes() == expected
-    stored = spool.store("1.2", "1.2.3", "1.2.3.4.5", expected, incoming=incoming)
-    assert stored.path.read_bytes() == expected and _parts(spool) == []
-
-
-def test_a_data_set_in_one_pdu_is_left_to_the_whole_write(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    pdatas = _pdatas(_store_request(), 16384)
-    ours, _ = _received(LeanDIMSEServiceProvider, pdatas, spool=spool)
-    ((_, store),) = ours
-    assert incoming_of(store) is None and _parts(spool) == []
-
-
-def test_the_early_write_changes_nothing_pynetdicom_sees(tmp_path: Path) -> None:
-    pdatas = _pdatas(_store_request(), 1000)
-    ours, our_events = _received(
-        LeanDIMSEServiceProvider, pdatas + pdatas, spool=Spool(tmp_path, fsync=False)
-    )
-    theirs, their_events = _received(DIMSEServiceProvider, pdatas + pdatas)
-    assert _summary(ours) == _summary(theirs) and our_events == their_events == []
-    assert all(incoming_of(store) is not None for _, store in ours)
-
-
-def test_an_unknown_context_or_an_unwritable_spool_means_no_early_write(
-    tmp_path: Path,
-) -> None:
-    spool = Spool(tmp_path / "spool", fsync=False)
-    # Context 5 was not accepted: the handler will not find a transfer syntax either.
-    queued, _ = _received(
-        LeanDIMSEServiceProvider, _pdatas(_store_request(), 1000, context_id=5), spool=spool
-    )
-    assert [incoming_of(store) for _, store in queued] == [None]
-    (spool.root / ".incoming").rmdir()  # begin() fails: the instance is still collected
-    queued, events = _received(
-        LeanDIMSEServiceProvider, _pdatas(_store_request(), 1000), spool=spool
-    )
-    assert [incoming_of(store) for _, store in queued] == [None] and events == []
-    assert queued[0][1].DataSet.getvalue() == DATA
-
-
-def test_an_aborted_data_set_leaves_no_early_write(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    pdatas = _pdatas(_store_request(), 1000)
-    queued, events = _received(LeanDIMSEServiceProvider, [*pdatas[:2], pdatas[0]], spool=spool)
-    assert events == ["Evt19"] and queued == []
-    assert _parts(spool) == []
-
-
-def test_abandoning_an_association_removes_its_early_writes(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    pdatas = _pdatas(_store_request(), 1000)
-    provider = LeanDIMSEServiceProvider(_assoc(16384))
-    provider.spool = spool
-    for pdata in pdatas:  # one whole request, queued but not served
-        provider.receive_primitive(pdata)
-    for pdata in pdatas[:2]:  # and one still arriving
-        provider.receive_primitive(pdata)
-    assert len(_parts(spool)) == 2
-    provider.abandon_incoming()
-    assert _parts(spool) == [] and provider.msg_queue.empty()
-    for pdata in pdatas:  # the provider still works afterwards
-        provider.receive_primitive(pdata)
-    assert not provider.msg_queue.empty()

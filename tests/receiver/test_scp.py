@@ -158,50 +158,6 @@ def test_storescu_c_store_messages_never_go_through_pydicom(
     assert fallbacks == []
 
 
-def _early_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the early spool writes begun (one per data set spanning PDUs)."""
-    begun: list[int] = []
-    begin = Spool.begin
-
-    def counting(self: Spool, prefix: bytes) -> Any:
-        begun.append(len(prefix))
-        return begin(self, prefix)
-
-    monkeypatch.setattr(Spool, "begin", counting)
-    return begun
-
-
-def test_a_data_set_over_several_pdus_is_spooled_as_it_arrives(
-    scp: Harness, pydicom_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    begun = _early_writes(monkeypatch)
-    src = pydicom_data / "MR_small.dcm"
-    out = scp.storescu(src, extra=("--max-send-pdu", "4096"))
-    assert out.returncode == 0, out.stderr
-    (received,) = scp.received
-    assert len(begun) == 1
-    assert received.path.read_bytes() == received.encoded  # byte for byte as sent
-    assert pydicom.dcmread(received.path).SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
-    assert list((scp.spool.root / ".incoming").iterdir()) == []
-    # Resent: the early write of the duplicate is dropped, the first file stays.
-    assert scp.storescu(src, extra=("--max-send-pdu", "4096")).returncode == 0
-    assert len(begun) == 2 and scp.scp.stats.snapshot()["duplicates"] == 1
-    assert received.path.read_bytes() == received.encoded
-    assert list((scp.spool.root / ".incoming").iterdir()) == []
-
-
-def test_a_refused_data_set_leaves_no_early_write(
-    scp: Harness, pydicom_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    begun = _early_writes(monkeypatch)
-    ds = pydicom.dcmread(pydicom_data / "MR_small.dcm")
-    (scp.spool.root / ds.StudyInstanceUID).write_text("in the way")
-    out = scp.storescu(pydicom_data / "MR_small.dcm", extra=("-v", "--max-send-pdu", "4096"))
-    assert "Refused: OutOfResources" in out.stdout + out.stderr, out.stderr
-    assert len(begun) == 1 and scp.received == []
-    assert list((scp.spool.root / ".incoming").iterdir()) == []
-
-
 def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data: Path) -> None:
     src = pydicom_data / "MR_small.dcm"
     assert scp.storescu(src).returncode == 0

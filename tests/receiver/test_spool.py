@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-import boldstream.receiver.spool as spool_module
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
@@ -101,152 +99,3 @@ def test_unwritable_spool_is_a_receiver_error(tmp_path: Path) -> None:
 def test_bad_uids_are_refused(bad: object) -> None:
     with pytest.raises(DicomInputError):
         check_uid(bad, "SeriesInstanceUID")
-
-
-# ---- the early write: an instance written as it arrives ----------------------
-
-PREFIX = b"\0" * 128 + b"DICM" + b"meta"
-
-
-def _incoming_files(spool: Spool) -> list[Path]:
-    return sorted((spool.root / ".incoming").iterdir())
-
-
-def test_an_early_write_is_the_stored_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hints: list[tuple[int, int]] = []
-
-    def hint(fd: int, offset: int, length: int, flags: int) -> int:
-        hints.append((offset, length))
-        return 0
-
-    monkeypatch.setattr(spool_module, "_sync_file_range", hint)
-    spool = Spool(tmp_path)
-    incoming = spool.begin(PREFIX)
-    incoming.write(b"first part, ")
-    incoming.write(memoryview(b"xxsecond part").cast("B")[2:])
-    (part,) = _incoming_files(spool)
-    data = PREFIX + b"first part, second part"
-    stored = spool.store(STUDY, SERIES, "1.9", data, incoming=incoming)
-    assert stored.path.read_bytes() == data and not stored.duplicate
-    assert _incoming_files(spool) == [] and not part.exists()
-    # Each part was handed to the kernel's writeback as it came, at its offset.
-    assert hints == [(0, len(PREFIX)), (len(PREFIX), 12), (len(PREFIX) + 12, 11)]
-    incoming.write(b"late")  # after the store: ignored, nothing reappears
-    incoming.discard()
-    assert _incoming_files(spool) == [] and stored.path.read_bytes() == data
-
-
-def test_an_early_write_without_fsync_gives_no_writeback_hint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hints: list[int] = []
-    monkeypatch.setattr(spool_module, "_sync_file_range", lambda *a: hints.append(1) or 0)
-    spool = Spool(tmp_path, fsync=False)
-    incoming = spool.begin(PREFIX)
-    incoming.write(b"body")
-    assert spool.store(STUDY, SERIES, "1.9", PREFIX + b"body", incoming=incoming).path.exists()
-    assert hints == []
-
-
-@pytest.mark.parametrize("case", ["shorter", "longer", "other prefix"])
-def test_an_early_write_that_differs_is_replaced_by_the_whole_instance(
-    tmp_path: Path, case: str
-) -> None:
-    spool = Spool(tmp_path)
-    incoming = spool.begin(PREFIX)
-    incoming.write(b"body")
-    data = {
-        "shorter": PREFIX + b"body and more",
-        "longer": PREFIX + b"bod",
-        "other prefix": b"\0" * 128 + b"DICM" + b"META" + b"body",
-    }[case]
-    stored = spool.store(STUDY, SERIES, "1.9", data, incoming=incoming)
-    assert stored.path.read_bytes() == data
-    assert _incoming_files(spool) == []
-
-
-def test_a_failed_early_write_is_kept_quiet_and_the_instance_written_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    spool = Spool(tmp_path)
-    incoming = spool.begin(PREFIX)
-    real_write = os.write
-
-    def full(fd: int, data: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "write", full)
-    incoming.write(b"body")  # in the network thread: must not raise
-    monkeypatch.setattr(os, "write", real_write)
-    assert incoming.error is not None and incoming.error.errno == errno.ENOSPC
-    assert _incoming_files(spool) == []  # dropped at once
-    incoming.write(b"more")  # nothing is written after a failure
-    assert _incoming_files(spool) == []
-    stored = spool.store(STUDY, SERIES, "1.9", PREFIX + b"body", incoming=incoming)
-    assert stored.path.read_bytes() == PREFIX + b"body"
-
-
-def test_an_early_write_of_a_duplicate_leaves_nothing(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    first = spool.store(STUDY, SERIES, "1.5", PREFIX + b"first")
-    incoming = spool.begin(PREFIX)
-    incoming.write(b"again")
-    again = spool.store(STUDY, SERIES, "1.5", PREFIX + b"again", incoming=incoming)
-    assert again.duplicate and first.path.read_bytes() == PREFIX + b"first"
-    assert _incoming_files(spool) == []
-
-
-def test_an_early_write_below_the_free_space_floor_is_refused_and_removed(
-    tmp_path: Path,
-) -> None:
-    spool = Spool(tmp_path, min_free_mb=1e12)
-    incoming = spool.begin(PREFIX)
-    with pytest.raises(SpoolFullError):
-        spool.store(STUDY, SERIES, "1.8", PREFIX, incoming=incoming)
-    assert _incoming_files(spool) == []
-    assert not spool.path_for(STUDY, SERIES, "1.8").exists()
-
-
-def test_a_failed_fsync_of_an_early_write_is_spool_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    spool = Spool(tmp_path)
-    incoming = spool.begin(PREFIX)
-
-    def full(*args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(SpoolFullError, match="full"):
-        spool.store(STUDY, SERIES, "1.7", PREFIX, incoming=incoming)
-    assert _incoming_files(spool) == []
-    assert not spool.path_for(STUDY, SERIES, "1.7").exists()
-
-
-def test_an_abandoned_early_write_is_removed(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    discarded = spool.begin(PREFIX)
-    discarded.discard()
-    discarded.discard()
-    forgotten = spool.begin(PREFIX)
-    forgotten.write(b"half an instance")
-    assert len(_incoming_files(spool)) == 1
-    del forgotten  # an association that ended mid-instance, collected
-    gc.collect()
-    assert _incoming_files(spool) == []
-
-
-def test_early_writes_from_a_network_thread_and_a_discard_do_not_race(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    for _ in range(20):
-        incoming = spool.begin(PREFIX)
-        writer = threading.Thread(
-            target=lambda i=incoming: [i.write(b"x" * 512) for _ in range(200)]
-        )
-        writer.start()
-        incoming.discard()
-        writer.join()
-        assert _incoming_files(spool) == []
-    # The descriptor was not reused for another file behind the discard's back.
-    other = spool.store(STUDY, SERIES, "2.1", b"other")
-    assert other.path.read_bytes() == b"other"
