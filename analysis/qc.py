@@ -19,17 +19,28 @@ Definitions (SPEC section 3):
 - Outlier: FD above ``fd_outlier_mm`` (0.5) or std_DVARS above
   ``std_dvars_outlier`` (1.5), fMRIPrep's defaults.
 
-How std_DVARS stays incremental and bounded in cost: its denominator needs
-percentiles and autocorrelations of whole voxel time series, which no running
-sum gives exactly. The accumulator keeps a ring buffer of the last
-``std_dvars_window`` frames for an evenly spaced subset of at most
-``std_dvars_voxels`` brain voxels (the denominator is a mean over voxels, so a
-few thousand estimate it to well under 1 %; ``None`` keeps every voxel). Once
-``std_dvars_warmup`` frames have arrived it recomputes the denominator from
-the buffer, then again every ``std_dvars_refresh`` frames; frames in between
-use the latest value. Memory is ``window * voxels`` floats and the
-recomputation costs ``O(window * voxels)``, whatever the run length; before
-the warm-up std_DVARS is None.
+How std_DVARS stays incremental and bounded in cost while it uses the data
+so far (SPEC 3): its denominator, ``mean_v(sigma_v * sqrt(2 (1 - rho_v)))``,
+is estimated over an evenly spaced subset of at most ``std_dvars_voxels``
+brain voxels (the denominator is a mean over voxels, so a few thousand
+estimate it to well under 1 %; ``None`` keeps every voxel).
+
+- rho_v, the lag-1 autocorrelation, comes from running sums over every
+  frame so far (of each voxel's values less its first value, which leaves
+  rho unchanged and keeps the sums small): exact, in O(voxels) memory.
+- sigma_v, IQR / 1.349, needs each voxel's quantiles, which no running sum
+  gives. The accumulator keeps up to ``std_dvars_window`` frames spread
+  evenly over the run: every frame until the store is full, then every
+  other one of those, and from then on every second frame, and so on, so
+  the store always holds between half and all of ``std_dvars_window``
+  frames from the whole run so far, evenly spaced.
+
+Once ``std_dvars_warmup`` frames have arrived the denominator is computed,
+then again every ``std_dvars_refresh`` frames; frames in between use the
+latest value. Memory is ``window * voxels`` floats and a recomputation costs
+``O(window * voxels)``, whatever the run length; before the warm-up
+std_DVARS is None. While the run has no more frames than the window, the
+estimate is exactly :func:`std_dvars_scale` of all its frames.
 """
 
 from __future__ import annotations
@@ -95,14 +106,24 @@ def std_dvars_scale(series: npt.ArrayLike) -> float | None:
     data = np.asarray(series, dtype=np.float64)
     if data.ndim != 2 or data.shape[0] < 3:
         return None
-    q75, q25 = np.percentile(data, [75.0, 25.0], axis=0)
-    sigma = (q75 - q25) / 1.349
     d = data - data.mean(axis=0)
     den = np.einsum("tv,tv->v", d, d)
+    num = np.einsum("tv,tv->v", d[1:], d[:-1])
+    return _scale(_robust_sigma(data), num, den)
+
+
+def _robust_sigma(sample: npt.NDArray[Any]) -> F64:
+    q75, q25 = np.percentile(sample, [75.0, 25.0], axis=0)
+    sigma: F64 = (q75 - q25) / 1.349
+    return sigma
+
+
+def _scale(sigma: F64, num: F64, den: F64) -> float | None:
+    """``mean_v(sigma_v * sqrt(2 (1 - rho_v)))``, rho_v = num_v / den_v, over den_v > 0."""
     keep = den > 0.0
     if not keep.any():
         return None
-    rho = np.einsum("tv,tv->v", d[1:, keep], d[:-1, keep]) / den[keep]
+    rho = num[keep] / den[keep]
     diff_sd = sigma[keep] * np.sqrt(2.0 * (1.0 - np.clip(rho, -1.0, 1.0)))
     scale = float(diff_sd.mean())
     return scale if scale > 0.0 and math.isfinite(scale) else None
@@ -164,7 +185,16 @@ class QCAccumulator:
             self._subset = np.arange(n_vox)
         else:
             self._subset = np.linspace(0, n_vox - 1, max(1, std_dvars_voxels)).astype(np.intp)
-        self._buffer = np.zeros((self.window, self._subset.size), dtype=np.float32)
+        # sigma: up to ``window`` frames, evenly spaced over the run (see module doc).
+        self._sample = np.zeros((self.window, self._subset.size), dtype=np.float32)
+        self._kept = 0
+        self._stride = 1
+        # rho: running sums over every frame of y = x - (its first value).
+        self._origin = np.zeros(self._subset.size)
+        self._last = np.zeros(self._subset.size)
+        self._sum = np.zeros(self._subset.size)
+        self._sum_sq = np.zeros(self._subset.size)
+        self._sum_lag = np.zeros(self._subset.size)
         self._mean = np.zeros(n_vox)
         self._m2 = np.zeros(n_vox)
         self._n = 0  # finite frames seen
@@ -184,6 +214,8 @@ class QCAccumulator:
             "n": self._n,
             "count": self._count,
             "scale": self._scale,
+            "kept": self._kept,
+            "stride": self._stride,
             "usable_total": usable["total"],
             "usable_good": usable["good"],
             "has_prev": self._prev is not None,
@@ -192,7 +224,12 @@ class QCAccumulator:
         arrays: dict[str, npt.NDArray[Any]] = {
             "mean": self._mean,
             "m2": self._m2,
-            "buffer": self._buffer,
+            "sample": self._sample,
+            "origin": self._origin,
+            "last": self._last,
+            "sum": self._sum,
+            "sum_sq": self._sum_sq,
+            "sum_lag": self._sum_lag,
         }
         if self._prev is not None:
             arrays["prev"] = self._prev
@@ -209,7 +246,11 @@ class QCAccumulator:
         self._usable.restore({"total": scalars["usable_total"], "good": scalars["usable_good"]})
         self._mean = np.array(arrays["mean"], dtype=np.float64)
         self._m2 = np.array(arrays["m2"], dtype=np.float64)
-        self._buffer = np.array(arrays["buffer"], dtype=np.float32)
+        self._kept = int(scalars["kept"])
+        self._stride = int(scalars["stride"])
+        self._sample = np.array(arrays["sample"], dtype=np.float32)
+        for name in ("origin", "last", "sum", "sum_sq", "sum_lag"):
+            setattr(self, f"_{name}", np.array(arrays[name], dtype=np.float64))
         self._prev = np.array(arrays["prev"], dtype=np.float64) if scalars["has_prev"] else None
         self._prev_params = (
             np.array(arrays["prev_params"], dtype=np.float64)
@@ -247,9 +288,9 @@ class QCAccumulator:
                 dvars = math.sqrt(float(np.einsum("v,v->", d, d)) / d.size)
             self._prev = x
             self._welford(x)
-            self._buffer[(self._n - 1) % self.window] = x[self._subset]
+            self._keep_for_std_dvars(x[self._subset])
             if self._n >= self.warmup and (self._n - self.warmup) % self.refresh == 0:
-                self._scale = std_dvars_scale(self._ordered_buffer())
+                self._scale = self._std_dvars_scale()
             if dvars is not None and self._scale is not None:
                 std = dvars / self._scale
         else:
@@ -295,13 +336,38 @@ class QCAccumulator:
         delta *= x - self._mean
         self._m2 += delta
 
-    def _ordered_buffer(self) -> F32:
-        """Buffered frames, oldest first."""
-        if self._n <= self.window:
-            out: F32 = self._buffer[: self._n]
-            return out
-        start = self._n % self.window
-        return np.concatenate([self._buffer[start:], self._buffer[:start]])
+    def _keep_for_std_dvars(self, x: F64) -> None:
+        """Add the ``self._n``-th measured frame (voxel subset) to the sums and the sample."""
+        if self._n == 1:
+            self._origin = x.copy()
+        y = x - self._origin
+        if self._n > 1:
+            self._sum_lag += y * self._last
+        self._sum += y
+        self._sum_sq += y * y
+        self._last = y
+        if (self._n - 1) % self._stride:
+            return
+        if self._kept == self.window:  # full: keep every other frame, sample half as often
+            kept = self._sample[: self._kept : 2].copy()
+            self._kept = kept.shape[0]
+            self._sample[: self._kept] = kept
+            self._stride *= 2
+            if (self._n - 1) % self._stride:
+                return
+        self._sample[self._kept] = x
+        self._kept += 1
+
+    def _std_dvars_scale(self) -> float | None:
+        n = self._n
+        if n < 3:
+            return None
+        mean = self._sum / n
+        # sum over t >= 2 of (y_t - m)(y_{t-1} - m); y_1 = 0 by the choice of origin.
+        num = self._sum_lag - mean * (2.0 * self._sum - self._last) + (n - 1) * mean * mean
+        den = self._sum_sq - n * mean * mean
+        sigma = _robust_sigma(self._sample[: self._kept].astype(np.float64))
+        return _scale(sigma, num, den)
 
     def _tsnr(self) -> F64 | None:
         if self._n < 2:

@@ -188,7 +188,9 @@ class QCSettings(_Section):
     fd_outlier_mm: float = Field(default=0.5, gt=0)
     #: ... or above this std_DVARS.
     std_dvars_outlier: float = Field(default=1.5, gt=0)
-    #: Frames before std_DVARS is first estimated, and the window it uses.
+    #: Frames before std_DVARS is first estimated, and the most frames kept
+    #: for its denominator's spread: evenly spaced over the whole run so far
+    #: (analysis/qc.py).
     std_dvars_warmup: int = Field(default=20, ge=3)
     std_dvars_window: int = Field(default=120, ge=3)
     #: Repetition time (s) used when a series does not state one.

@@ -102,8 +102,31 @@ def test_std_dvars_matches_batch_after_warmup() -> None:
         assert f.std_dvars == pytest.approx(f.dvars / scale, rel=1e-4)
 
 
-def test_std_dvars_ring_buffer_and_refresh_schedule() -> None:
-    vols, mask, params = _series(40, seed=2)
+def _batch_scale_from(sigma_frames: F64, all_frames: F64) -> float:
+    """Nichols' denominator with sigma from ``sigma_frames`` and rho from ``all_frames``."""
+    vals = []
+    for v in range(all_frames.shape[1]):
+        q1, q3 = np.percentile(sigma_frames[:, v], [25, 75])
+        d = all_frames[:, v] - all_frames[:, v].mean()
+        r = np.correlate(d, d, mode="full")[len(d) - 1 :]
+        if r[0] == 0:
+            continue
+        vals.append((q3 - q1) / 1.349 * math.sqrt(2 * (1 - r[1] / r[0])))
+    return float(np.mean(vals))
+
+
+def _evenly_kept(n: int, window: int) -> list[int]:
+    """Which of frames 0..n-1 the sigma sample holds: all, then every 2nd, 4th, ..."""
+    stride = 1
+    while n > window * stride:
+        stride *= 2
+    kept = list(range(0, n, stride))
+    assert min(n, window // 2) <= len(kept) <= window
+    return kept
+
+
+def test_std_dvars_uses_the_whole_run_and_refreshes_on_schedule() -> None:
+    vols, mask, params = _series(60, seed=2)
     x = vols[:, mask].astype(np.float64)
     qc = QCAccumulator(
         mask,
@@ -119,11 +142,63 @@ def test_std_dvars_ring_buffer_and_refresh_schedule() -> None:
         if n < 5:
             assert f.std_dvars is None
             continue
-        last_refresh = 5 + ((n - 5) // 4) * 4  # frames seen at the last recomputation
-        window = x[max(0, last_refresh - 12) : last_refresh]
-        scale = _batch_std_dvars_scale(window)
+        seen = 5 + ((n - 5) // 4) * 4  # frames seen at the last recomputation
+        # rho from every frame so far; sigma from frames spread evenly over them.
+        sample = x[_evenly_kept(seen, 12)]
+        scale = _batch_scale_from(sample, x[:seen])
         assert qc.std_dvars_scale == pytest.approx(scale, rel=1e-4), n
+        if seen <= 12:  # the sample is the whole run: Nichols' estimate exactly
+            assert scale == pytest.approx(_batch_std_dvars_scale(x[:seen]), rel=1e-9)
         assert f.std_dvars == pytest.approx(f.dvars / scale, rel=1e-4)
+
+
+def test_std_dvars_follows_the_whole_run_not_its_last_minutes() -> None:
+    """The noise of the first half still counts at the end (SPEC 3: the data so far)."""
+    rng = np.random.default_rng(8)
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    n = 400
+    noise = np.where(np.arange(n) < n // 2, 12.0, 2.0)[:, None]
+    x = 1000.0 + noise * rng.normal(size=(n, int(mask.sum())))
+    qc = QCAccumulator(
+        mask,
+        tr_s=1.0,
+        std_dvars_voxels=None,
+        std_dvars_warmup=20,
+        std_dvars_window=80,
+        std_dvars_refresh=1,
+    )
+    vol = np.zeros(SHAPE)
+    for t in range(n):
+        vol[mask] = x[t]
+        qc.update(vol, np.zeros(6))
+    assert qc.std_dvars_scale == pytest.approx(
+        _batch_scale_from(x[_evenly_kept(n, 80)], x), rel=1e-4
+    )
+    whole = _batch_std_dvars_scale(x)
+    last_window = _batch_std_dvars_scale(x[-80:])  # what a sliding window would give
+    assert qc.std_dvars_scale == pytest.approx(whole, rel=0.1)
+    assert last_window < 0.5 * whole
+
+
+def test_std_dvars_state_survives_a_checkpoint() -> None:
+    vols, mask, params = _series(50, seed=4)
+    options: dict[str, Any] = {
+        "std_dvars_voxels": None,
+        "std_dvars_warmup": 5,
+        "std_dvars_window": 8,
+        "std_dvars_refresh": 3,
+    }
+    straight = QCAccumulator(mask, tr_s=1.0, **options)
+    first = QCAccumulator(mask, tr_s=1.0, **options)
+    expected = [straight.update(v, p) for v, p in zip(vols, params, strict=True)]
+    for v, p in zip(vols[:23], params[:23], strict=True):
+        first.update(v, p)
+    resumed = QCAccumulator(mask, tr_s=1.0, **options)
+    resumed.restore(*first.state())
+    got = [resumed.update(v, p) for v, p in zip(vols[23:], params[23:], strict=True)]
+    assert [f.std_dvars for f in got] == [f.std_dvars for f in expected[23:]]
+    assert resumed.std_dvars_scale == straight.std_dvars_scale
 
 
 def test_std_dvars_voxel_subset_is_close_to_all_voxels() -> None:
