@@ -44,8 +44,9 @@ history and the last target) is written after every target recompute, and
 every ``checkpoint_every`` volumes when no target comes; not while the first
 volumes wait for the registration. The state is tens of MB, hence the sparse
 cadence; the pipeline's journal keeps the volumes since the last checkpoint.
-A restarted stage resumes each open series from its checkpoint, so the
-targets after a restart are those of an uninterrupted run; what it emitted
+A restarted stage resumes each open series from its checkpoint (or, before
+the first one, from the series' first volume, which the journal still
+holds), so the targets after a restart are those of an uninterrupted run; what it emitted
 for a re-sent volume (warnings, the target at the checkpoint) it emits again,
 and the pipeline publishes each once.
 """
@@ -276,12 +277,26 @@ class ConnectivityStage(SeriesStage):
             key = series_key(series)
             if key not in self._series and p.index is not None:
                 # First sight of a series mid-way: this process was restarted.
-                # Its checkpoint, if any, says where to go on; without one,
-                # start at this volume.
+                # Its checkpoint, if any, says where to go on. Without one, the
+                # journal re-sends the series from its first volume when it
+                # waits for this stage's checkpoints (process mode), and this
+                # volume may be a live one that overtook that re-send: the gate
+                # stays at 0 and holds it. Otherwise (no checkpoint folder, or a
+                # checkpoint that could not be read, up to which the journal may
+                # have forgotten) start at this volume.
                 state = self._state(series)
-                if state is not None and state.last_index is None:
+                if (
+                    state is not None
+                    and state.last_index is None
+                    and not self._journal_holds_start(series)
+                ):
                     state.gate = Gate(p.index)
         return list(super().process(message))
+
+    def _journal_holds_start(self, series: SeriesInfo) -> bool:
+        """Whether the pipeline still holds this series from its first volume."""
+        store = self.store
+        return store is not None and not (store.folder(series) / "state.json").exists()
 
     def end_series(self, state: SeriesState, message: Message) -> list[Message]:
         assert isinstance(state, _ConnSeries)

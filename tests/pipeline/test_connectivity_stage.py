@@ -328,6 +328,39 @@ def test_a_restarted_stage_without_a_checkpoint_starts_over_and_says_what_it_sai
     assert third.counts["restored"] == 0 and third.counts["processed"] == 5
 
 
+def test_a_restarted_stage_before_its_first_checkpoint_waits_for_the_series_start(
+    tmp_path: Path,
+) -> None:
+    """Live volumes that overtake the journal's re-send do not make it skip the start.
+
+    The first process dies at volume 8, before any checkpoint (the first
+    comes with the target at 19). While its successor starts, the scanner
+    goes on: volumes 9-11 reach it before the pipeline re-sends 0-11 from
+    its journal, which holds the series from its first volume as long as
+    this stage has not checkpointed.
+    """
+    series = make_series("5.5.7")
+    upstream = chain(
+        [MotionStage(), QCStage(forward_corrected=True)], [Message(v) for v in volumes(25, series)]
+    )
+    corrected = [m for m in upstream if m.topic == CORRECTED]
+
+    def stage(folder: Path | None) -> ConnectivityStage:
+        return ConnectivityStage(every_s=20.0, checkpoint_dir=folder, checkpoint_every=40)
+
+    unbroken = [m for m in chain([stage(None)], corrected) if m.topic == topics.TARGET]
+    assert [m.index for m in unbroken] == [19]
+    first = stage(tmp_path)
+    chain([first], corrected[:9])
+    assert not list(tmp_path.rglob("state.json"))
+    second = stage(tmp_path)
+    after = chain([second], corrected[9:12] + corrected[:12] + corrected[12:])
+    assert second.counts["processed"] == 25 and second.counts["repeats"] == 3
+    targets = [m for m in after if m.topic == topics.TARGET]
+    assert [m.index for m in targets] == [19]
+    assert_same_target(targets[0], unbroken[0])
+
+
 def test_a_restarted_stage_repeats_its_warnings_and_keeps_a_failed_series_off(
     tmp_path: Path,
 ) -> None:
