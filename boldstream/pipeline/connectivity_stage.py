@@ -46,9 +46,9 @@ volumes wait for the registration. The state is tens of MB, hence the sparse
 cadence; the pipeline's journal keeps the volumes since the last checkpoint.
 A restarted stage resumes each open series from its checkpoint (or, before
 the first one, from the series' first volume, which the journal still
-holds), so the targets after a restart are those of an uninterrupted run; what it emitted
-for a re-sent volume (warnings, the target at the checkpoint) it emits again,
-and the pipeline publishes each once.
+holds), so the targets after a restart are those of an uninterrupted run;
+what it emitted for a re-sent volume (warnings, the target at the
+checkpoint) it emits again, and the pipeline publishes each once.
 """
 
 from __future__ import annotations
