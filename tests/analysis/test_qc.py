@@ -37,11 +37,15 @@ def _series(n: int, seed: int = 0) -> tuple[npt.NDArray[np.float32], npt.NDArray
 
 def _batch_std_dvars_scale(x: F64) -> float:
     """Nichols' denominator written out per voxel, independently of the module."""
+    return _batch_scale_from(x, x)
+
+
+def _batch_scale_from(sigma_frames: F64, all_frames: F64) -> float:
+    """Nichols' denominator with sigma from ``sigma_frames`` and rho from ``all_frames``."""
     vals = []
-    for v in range(x.shape[1]):
-        s = x[:, v]
-        q1, q3 = np.percentile(s, [25, 75])
-        d = s - s.mean()
+    for v in range(all_frames.shape[1]):
+        q1, q3 = np.percentile(sigma_frames[:, v], [25, 75])
+        d = all_frames[:, v] - all_frames[:, v].mean()
         r = np.correlate(d, d, mode="full")[len(d) - 1 :]
         if r[0] == 0:
             continue
@@ -100,19 +104,6 @@ def test_std_dvars_matches_batch_after_warmup() -> None:
         assert qc.std_dvars_scale == pytest.approx(scale, rel=1e-4)
         assert f.dvars is not None
         assert f.std_dvars == pytest.approx(f.dvars / scale, rel=1e-4)
-
-
-def _batch_scale_from(sigma_frames: F64, all_frames: F64) -> float:
-    """Nichols' denominator with sigma from ``sigma_frames`` and rho from ``all_frames``."""
-    vals = []
-    for v in range(all_frames.shape[1]):
-        q1, q3 = np.percentile(sigma_frames[:, v], [25, 75])
-        d = all_frames[:, v] - all_frames[:, v].mean()
-        r = np.correlate(d, d, mode="full")[len(d) - 1 :]
-        if r[0] == 0:
-            continue
-        vals.append((q3 - q1) / 1.349 * math.sqrt(2 * (1 - r[1] / r[0])))
-    return float(np.mean(vals))
 
 
 def _evenly_kept(n: int, window: int) -> list[int]:
