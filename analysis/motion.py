@@ -59,6 +59,7 @@ __all__ = [
     "MotionCorrector",
     "MotionEstimate",
     "displacement_mm",
+    "fill_non_finite",
     "foreground_mask",
     "matrix_to_params",
     "params_to_matrix",
@@ -111,6 +112,18 @@ class MotionEstimate:
     def confounds(self) -> dict[str, float]:
         """The six parameters under fMRIPrep's confound names."""
         return dict(zip(PARAM_NAMES, self.params, strict=True))
+
+
+def fill_non_finite(volume: npt.ArrayLike) -> tuple[F32, bool]:
+    """``volume`` as float32 with NaN and infinity set to 0, and whether any were.
+
+    What :meth:`MotionCorrector.register` reslices for a volume with such
+    voxels (and flags it); a stage re-slicing that volume again uses the same.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    if np.isfinite(vol).all():
+        return vol, False
+    return np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0), True
 
 
 def foreground_mask(volume: npt.ArrayLike, *, dilate: int = 0) -> npt.NDArray[np.bool_]:
@@ -342,8 +355,8 @@ class MotionCorrector:
         index = self._count
         self._count += 1
 
-        if not np.isfinite(vol).all():
-            clean = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+        clean, filled = fill_non_finite(vol)
+        if filled:
             return self._fallback(index, clean, "non-finite values (NaN or inf)", filled=True)
         if float(vol.max()) == float(vol.min()):
             return self._fallback(index, vol, "constant volume (dropout)")

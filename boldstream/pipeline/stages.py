@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from boldstream.analysis.motion import MotionCorrector, foreground_mask
+from boldstream.analysis.motion import MotionCorrector, fill_non_finite, foreground_mask
 from boldstream.analysis.qc import QCAccumulator
 from boldstream.config.settings import Settings
 from boldstream.errors import AnalysisError
@@ -330,10 +330,7 @@ class MotionStage(SeriesStage):
         if state.corrector is None or matrix is None:
             return []
         motion = Result(topics.MOTION, state.info, volume.index, values=dict(entry["motion"]))
-        data = np.asarray(volume.data, dtype=np.float32)
-        filled = not bool(np.isfinite(data).all())
-        if filled:  # as MotionCorrector.register did the first time
-            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        data, filled = fill_non_finite(volume.data)  # as register() did the first time
         corrected = state.corrector.reslice(data, matrix)
         return [
             message.derive(motion),
