@@ -20,7 +20,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -38,7 +39,7 @@ from boldstream.receiver.selector import Selection, SeriesSelector
 from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume, VolumeIncomplete
 
-__all__ = ["Ingest", "IngestStats"]
+__all__ = ["Begun", "Ingest", "IngestStats"]
 
 Emitted = Volume | VolumeIncomplete
 
@@ -51,6 +52,22 @@ class IngestStats:
     volumes: int = 0
     incomplete: int = 0
     recovered: int = 0
+
+
+@dataclass
+class Begun:
+    """An instance read and decoded ahead of its durable write (:meth:`Ingest.begin`)."""
+
+    item: Received
+    ds: Dataset | LeanDataset | None = None
+    uid: str = ""
+    selection: Selection | None = None
+    fragments: list[Fragment] = field(default_factory=list)
+    prepared: list[Prepared] = field(default_factory=list)
+    #: Why the fragments could not be decoded (reported only if the write succeeds).
+    problem: DicomInputError | None = None
+    #: Why the instance could not be read at all.
+    unreadable: Exception | None = None
 
 
 @dataclass
@@ -96,29 +113,39 @@ class Ingest:
     def recover(self) -> int:
         """Enqueue every instance of every unclosed series in the spool."""
         n = 0
-        for path in self.spool.pending():
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception as exc:
-                self._log.error("spooled file unreadable", path=str(path), error=str(exc))
-                continue
-            meta = getattr(ds, "file_meta", None)
-            sop_class = str(meta.MediaStorageSOPClassUID) if meta is not None else ""
-            self.submit(
-                Received(
-                    decoded=ds,
-                    path=path,
-                    sop_class_uid=sop_class or str(ds.get("SOPClassUID", "")),
-                    sop_instance_uid=str(ds.get("SOPInstanceUID", path.stem)),
-                    received=path.stat().st_mtime,
-                    recovered=True,
-                )
-            )
-            n += 1
-        self.stats.recovered += n
-        if n:
-            self._log.info("recovering spooled instances", instances=n)
+        for path in self.recovery():
+            item = self.read_recovered(path)
+            if item is not None:
+                self.submit(item)
+                n += 1
         return n
+
+    def recovery(self) -> list[Path]:
+        """The files to recover: every instance of every series the spool has not
+        closed, listed now (an instance written later reaches the ingest live)."""
+        paths = list(self.spool.pending())
+        if paths:
+            self._log.info("recovering spooled instances", instances=len(paths))
+        return paths
+
+    def read_recovered(self, path: Path) -> Received | None:
+        """One file of :meth:`recovery` read back, already durable; None if unreadable."""
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            self._log.error("spooled file unreadable", path=str(path), error=str(exc))
+            return None
+        meta = getattr(ds, "file_meta", None)
+        sop_class = str(meta.MediaStorageSOPClassUID) if meta is not None else ""
+        self.stats.recovered += 1
+        return Received(
+            decoded=ds,
+            path=path,
+            sop_class_uid=sop_class or str(ds.get("SOPClassUID", "")),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", path.stem)),
+            received=path.stat().st_mtime,
+            recovered=True,
+        )
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -152,12 +179,12 @@ class Ingest:
                 got = True
             try:
                 if got and item is None:
-                    self._tick(time.time())
+                    self.tick(time.time())
                     return
                 if item is not None:
                     self._process(item)
                 if time.monotonic() >= next_tick:
-                    self._tick(time.time())
+                    self.tick(time.time())
                     next_tick = time.monotonic() + self._tick_s
             except Exception:
                 self._log.exception("ingest step failed; continuing")
@@ -218,44 +245,65 @@ class Ingest:
             )
 
     def _process(self, item: Received) -> None:
+        begun = self.begin(item)
+        self.finish(begun, self._wait_durable(item))
+
+    def begin(self, item: Received) -> Begun:
+        """The work that may precede the instance's durable write: read and decode.
+
+        Runs while the handler's write of the same instance is under way; the
+        instance becomes part of a volume only in :meth:`finish`, once the
+        write's verdict is known. The ingest thread calls both in turn; the
+        ingest process calls them as the instance and its verdict arrive.
+        """
         try:
             ds = self._read(item)
             uid = str(ds.get("SeriesInstanceUID", ""))
         except Exception as exc:  # the handler walked it, so pydicom should read it
-            if self._wait_durable(item):
-                self.stats.instances += 1
-                self.stats.undecodable += 1
-                self._log.error(
-                    "instance stored but cannot be read", path=str(item.path), error=str(exc)
-                )
-            return
+            return Begun(item, unreadable=exc)
         selection = self._selection(uid, item, ds)
-        fragments: list[Fragment] = []
-        prepared: list[Prepared] = []
-        problem: DicomInputError | None = None
-        with structlog.contextvars.bound_contextvars(series=uid):
-            if selection.analyse:
-                # Overlaps the handler's durable write of this same instance.
+        begun = Begun(item, ds=ds, uid=uid, selection=selection)
+        if selection.analyse:
+            with structlog.contextvars.bound_contextvars(series=uid):
                 try:
-                    fragments = decode_instance(ds, assembly=self.settings.assembly)
+                    begun.fragments = decode_instance(ds, assembly=self.settings.assembly)
                 except DicomInputError as exc:
-                    problem = exc
+                    begun.problem = exc
                 if selection.reference:
-                    fragments = [
-                        replace(f, series=replace(f.series, reference=True)) for f in fragments
+                    begun.fragments = [
+                        replace(f, series=replace(f.series, reference=True))
+                        for f in begun.fragments
                     ]
-                prepared = self._assembler.prepare(fragments)
-            if not self._wait_durable(item):
-                return  # refused to the scanner, or a duplicate: the handler logged it
-            self.stats.instances += 1
-            self._track_series(uid, item, ds, selection)
-            if not selection.analyse:
+                begun.prepared = self._assembler.prepare(begun.fragments)
+        return begun
+
+    def finish(self, begun: Begun, stored: bool) -> None:
+        """Count and assemble an instance whose durable write ended (``stored``:
+        new and in the spool; False: refused to the scanner, or a duplicate,
+        which the handler logged)."""
+        if not stored:
+            return
+        item = begun.item
+        self.stats.instances += 1
+        if begun.unreadable is not None or begun.ds is None or begun.selection is None:
+            self.stats.undecodable += 1
+            self._log.error(
+                "instance stored but cannot be read",
+                path=str(item.path),
+                error=str(begun.unreadable),
+            )
+            return
+        with structlog.contextvars.bound_contextvars(series=begun.uid):
+            self._track_series(begun.uid, item, begun.ds, begun.selection)
+            if not begun.selection.analyse:
                 self.stats.skipped += 1
                 return
             try:
-                if problem is not None:
-                    raise problem
-                events = self._assembler.add(fragments, received=item.received, prepared=prepared)
+                if begun.problem is not None:
+                    raise begun.problem
+                events = self._assembler.add(
+                    begun.fragments, received=item.received, prepared=begun.prepared
+                )
             except DicomInputError as exc:
                 self.stats.undecodable += 1
                 self._log.warning(
@@ -266,7 +314,9 @@ class Ingest:
                 return
             self._dispatch(events)
 
-    def _tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:
+        """Report volumes that will not complete, and close idle series
+        (every ``tick_s`` on the ingest thread; the ingest process calls it)."""
         self._dispatch(self._assembler.expire(now))
         idle_after = self.settings.assembly.series_idle_timeout_s
         for uid, state in list(self._series.items()):

@@ -17,8 +17,9 @@ pickle):
   instance that could not be sent early, or went to a child that has since
   been replaced, is sent whole after its write instead. ``[b"sync"]``
   answers a child's ``hello``; ``[b"stop"]`` follows the last instance.
-- child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready"]`` once its
-  recovery is queued, ``[b"event", *codec frames]`` per assembled volume or
+- child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready"]`` once it has
+  listed the spooled instances it recovers (it assembles them before anything
+  sent live), ``[b"event", *codec frames]`` per assembled volume or
   incomplete-volume report, ``[b"progress", JSON]`` every tick and
   ``[b"bye", JSON]`` (the same report) when it stops.
 
@@ -146,7 +147,7 @@ class IngestProcess:
             self._send(self._frames(item, token, pending=False), item)
 
     def start(self) -> None:
-        """Start the child; returns once it has queued its recovery."""
+        """Start the child; returns once it has listed what it recovers."""
         self._thread = threading.Thread(target=self._run, name="boldstream-ingest-rx", daemon=True)
         self._thread.start()
         self._spawn()

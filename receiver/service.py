@@ -3,8 +3,8 @@
 Start order matters: the spool is opened, unclosed series are queued for
 recovery, the ingest starts, and only then does the SCP listen, so an
 instance that arrives during recovery is ordered after the recovered ones.
-With ``receiver.ingest = "process"`` the ingest process does its own
-recovery before it reports ready.
+With ``receiver.ingest = "process"`` the ingest process lists its own
+recovery before it reports ready, and assembles it before anything live.
 """
 
 from __future__ import annotations

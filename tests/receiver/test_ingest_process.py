@@ -11,6 +11,7 @@ lost, and it does not outlive the receiver.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import pydicom
 import pytest
 from peers import require_tool
+from structlog.testing import capture_logs
 
 from boldstream.config import load_settings
 from boldstream.errors import ReceiverError
@@ -254,3 +256,108 @@ def test_ingest_process_that_keeps_dying_is_reported_down(tmp_path: Path) -> Non
             time.sleep(0.02)
         assert ingest.restarts == 1
         assert len(reports) == 1 and "not analysed" in reports[0], reports
+
+
+@contextlib.contextmanager
+def _child_here(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """The child's loop in this process: (child, socket to it, socket from it)."""
+    import zmq
+
+    from boldstream.receiver.ingest_child import _Child
+
+    ctx = zmq.Context()
+    to_child, from_child = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    sent = to_child.bind_to_random_port("tcp://127.0.0.1")
+    back = from_child.bind_to_random_port("tcp://127.0.0.1")
+    from_child.setsockopt(zmq.RCVTIMEO, 5000)
+    settings = _settings(tmp_path / "spool")
+    child = _Child(settings, f"tcp://127.0.0.1:{sent}", f"tcp://127.0.0.1:{back}", 0)
+    try:
+        yield child, to_child, from_child
+    finally:
+        child.close()
+        to_child.close(0)
+        from_child.close(0)
+        ctx.term()
+
+
+def _instance_frames(path: Path, token: int, spool: Spool) -> list[bytes]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    header = {
+        "token": token,
+        "pending": True,
+        "path": str(spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "received": time.time(),
+        "calling_aet": "SCANNER",
+    }
+    return [b"instance", json.dumps(header).encode(), path.read_bytes()]
+
+
+def test_child_parks_each_instance_until_its_verdict_and_logs_a_slow_one(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """One thread: an instance is decoded when it arrives and assembled when its
+    verdict does; a verdict that is late is logged, a refused one never assembled."""
+    from boldstream.stream import codec
+
+    with _child_here(tmp_path) as (child, _, from_child):
+        spool = Spool(tmp_path / "spool")
+        child.slow_write_s = 0.05
+        for token, path in enumerate(files[: 2 * N_SLICES]):
+            child.take(_instance_frames(path, token, spool))
+        assert child.consumed == 2 * N_SLICES and len(child.pending) == 2 * N_SLICES
+        assert not child.idle and child.ingest.stats.instances == 0
+        time.sleep(0.1)
+        with capture_logs() as logs:
+            child.tick()
+            child.tick()  # once per instance, not per tick
+        slow = [e for e in logs if e["event"].startswith("spool write still under way")]
+        assert len(slow) == 2 * N_SLICES and all(e["waited_s"] >= 0.05 for e in slow)
+        # Volume 0's slices all written; volume 1's last slice refused.
+        for token in range(2 * N_SLICES):
+            verdict = b"0" if token == 2 * N_SLICES - 1 else b"1"
+            child.take([b"durable", str(token).encode(), verdict])
+        assert child.idle
+        assert child.ingest.stats.instances == 2 * N_SLICES - 1
+        frames = from_child.recv_multipart(copy=False)
+        assert bytes(frames[0].buffer) == b"event"
+        volume = codec.decode(frames[1:]).payload
+        assert isinstance(volume, Volume) and volume.index == 0
+        assert child.ingest.stats.volumes == 1
+
+
+def test_child_assembles_the_spool_before_anything_sent_live(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """What a new child recovers comes first, even when live instances are waiting."""
+    from boldstream.stream import codec
+
+    spool = Spool(tmp_path / "spool")
+    for path in files[:N_SLICES]:  # volume 0, in the spool from before
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
+    with _child_here(tmp_path) as (child, to_child, from_child):
+        runner = threading.Thread(target=child.run)
+        runner.start()
+        assert bytes(from_child.recv()) == b"hello"
+        for token, path in enumerate(files[N_SLICES : 2 * N_SLICES]):  # volume 1, live
+            frames = _instance_frames(path, token, spool)
+            to_child.send_multipart(frames)
+            to_child.send_multipart([b"durable", str(token).encode(), b"1"])
+        to_child.send(b"sync")  # as the parent answers hello, after the early sends
+        to_child.send(b"stop")
+        runner.join(30)
+        assert not runner.is_alive()
+        kinds, order = [], []
+        while True:
+            frames = from_child.recv_multipart()
+            kinds.append(frames[0])
+            if frames[0] == b"event":
+                order.append(codec.decode(frames[1:]).payload.index)
+            if frames[0] == b"bye":
+                break
+        assert kinds.index(b"ready") < kinds.index(b"event")
+        assert order == [0, 1]
+        assert child.ingest.stats.recovered == N_SLICES
