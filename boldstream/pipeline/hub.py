@@ -29,6 +29,7 @@ from boldstream.config.settings import Settings
 from boldstream.errors import StreamError
 from boldstream.pipeline.checkpoint import CheckpointStore
 from boldstream.pipeline.guidance_stage import GuidanceStage, guidance_options
+from boldstream.pipeline.indices import IndexSet
 from boldstream.pipeline.journal import Journal
 from boldstream.pipeline.series_stage import (
     CHECKPOINT,
@@ -67,7 +68,8 @@ class _Series:
     info: SeriesInfo
     view: SeriesView
     last_submit: float
-    received: set[int] = field(default_factory=set)
+    #: Kept after the end (a re-sent volume is a duplicate, a new one late).
+    received: IndexSet = field(default_factory=IndexSet)
     done: set[int] = field(default_factory=set)
     gaps: set[int] = field(default_factory=set)
     #: Volumes the chain's end has acknowledged whose qc result is not in yet.
@@ -81,6 +83,15 @@ class _Series:
     end_sent: bool = False
     #: A volume came after the end was sent (warned once).
     after_end: bool = False
+
+    def release(self) -> None:
+        """Forget what only an open series needs (results of an ended one are
+        dropped as repeats before any of it is read)."""
+        self.done = set()
+        self.gaps = set()
+        self.passed = set()
+        self.published = {}
+        self.warned = set()
 
 
 class Hub:
@@ -455,6 +466,7 @@ class Hub:
             return
         assert isinstance(message.payload, SeriesEnd)
         state.ended = True
+        state.release()
         state.view.ended = message.payload.ended
         self.journal.ended(key)
         if self.run_dir is not None:

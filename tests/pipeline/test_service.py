@@ -197,3 +197,42 @@ def test_an_unknown_setting_names_the_key(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"pipeline\.pub"):
         pipeline_settings(tmp_path, "pipeline.pub='localhost:80'")
+
+
+def test_an_ended_series_keeps_only_which_volumes_came(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    """After its end the hub forgets a series' per-volume results (a service runs for
+    months) but still tells a re-sent volume (a duplicate) from a late new one."""
+    series = replace(make_series("1.2.3.40"), n_volumes=6)
+    vols = volumes(8, series)
+    with Pipeline(pipeline_settings(tmp_path), mode="thread") as pipeline:
+        sub = subscribe(ctx, pipeline)
+        for event in vols[:6]:
+            pipeline.submit(event)
+        got = collect(sub, ends=1)
+        assert pipeline.drain(10)
+        hub = pipeline._hub
+        assert hub is not None
+        (state,) = [s for s in hub.series.values() if s.info.series_uid == series.series_uid]
+        assert state.ended
+        assert (state.done, state.gaps, state.passed, state.published, state.warned) == (
+            set(),
+            set(),
+            set(),
+            {},
+            set(),
+        )
+        assert len(state.received) == 6
+        pipeline.submit(vols[2])  # re-sent: a duplicate, silently
+        pipeline.submit(vols[7])  # new and late: warned
+        assert pipeline.drain(10)
+        while (m := sub.recv(timeout_ms=1000)) is not None:
+            got.append(m)
+        snapshot = request_snapshot(pipeline.snapshot_endpoint, context=ctx)
+        sub.close()
+    assert _keyed(got, series.series_uid, topics.QC) == list(range(6))
+    late = [m for m in got if m.topic == topics.WARNING]
+    assert [(m.index, m.payload.values["code"]) for m in late] == [(7, "after-series-end")]  # type: ignore[union-attr]
+    (view,) = [s for s in snapshot["series"] if s["series_uid"] == series.series_uid]
+    assert view["counts"]["duplicates"] == 1
