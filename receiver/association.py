@@ -47,7 +47,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
 
-from boldstream.receiver.dimse import LeanDIMSEServiceProvider
+from boldstream.receiver.dimse import ArrivalQueue, LeanDIMSEServiceProvider
 
 __all__ = ["PromptAssociation", "PromptRequestHandler"]
 
@@ -121,6 +121,7 @@ class PromptRequestHandler(RequestHandler):
         assoc: Any = super()._create_association()
         assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
         assoc.dimse.__class__ = LeanDIMSEServiceProvider
+        assoc.dimse.msg_queue = ArrivalQueue()  # still empty: the association has not started
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             for event, handler in _TRACING:
                 assoc.unbind(event, handler)

@@ -58,6 +58,7 @@ from boldstream.config.settings import ReceiverSettings
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
 from boldstream.receiver.association import PromptRequestHandler
+from boldstream.receiver.dimse import arrived
 from boldstream.receiver.header import header_from_dataset, pixel_data_problem, scan_header
 from boldstream.receiver.part10 import part10_bytes
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
@@ -136,7 +137,9 @@ class Received:
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
-    #: time.time() when the C-STORE had fully arrived (its last byte).
+    #: time.time() when the C-STORE had fully arrived: pynetdicom's network
+    #: thread had read its last fragment (dimse.ArrivalQueue), not when the
+    #: handler started.
     received: float
     calling_aet: str = ""
     #: True when re-read from the spool after a restart.
@@ -348,9 +351,10 @@ def handle_store(
     log: Any,
 ) -> int:
     """EVT_C_STORE: validate, write durably, enqueue, answer."""
-    received = time.time()
-    calling = event.assoc.requestor.ae_title
     request = event.request
+    # When its last fragment was read (the network thread's stamp), else now.
+    received = arrived(request) or time.time()
+    calling = event.assoc.requestor.ae_title
     sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "")
     sop_class = str(getattr(request, "AffectedSOPClassUID", "") or "")
     try:

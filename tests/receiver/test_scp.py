@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from peers import require_tool
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from boldstream.config import load_settings
+from boldstream.receiver.association import PromptAssociation
 from boldstream.receiver.scp import Received, StorageSCP
 from boldstream.receiver.spool import Spool
 
@@ -198,3 +200,27 @@ def test_unwritable_spool_answers_out_of_resources(scp: Harness, pydicom_data: P
     # Handed over for decoding while the write was tried, then marked not stored.
     assert [r.durable.wait(0) for r in scp.handed] == [False]
     assert scp.scp.stats.snapshot()["out_of_resources"] == 1
+
+
+def test_received_is_when_the_last_fragment_was_read_not_when_the_handler_ran(
+    tmp_path: Path, pydicom_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latency is counted from the instance's arrival: an association thread that
+    starts the handler late must not make the instance look newer than it is."""
+    serve = PromptAssociation._serve_request
+    started: list[float] = []
+
+    def late(self: Any, msg: Any, context_id: int) -> None:
+        time.sleep(0.2)
+        started.append(time.time())
+        serve(self, msg, context_id)
+
+    monkeypatch.setattr(PromptAssociation, "_serve_request", late)
+    h = Harness(tmp_path)
+    try:
+        out = h.storescu(pydicom_data / "MR_small.dcm")
+    finally:
+        h.scp.stop()
+    assert out.returncode == 0, out.stderr
+    (item,) = h.received
+    assert started[0] - item.received >= 0.2
