@@ -152,7 +152,9 @@ class Ingest:
         self._thread.start()
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        """Finish what is queued, then stop."""
+        """Finish what is queued, then stop (nothing to do if never started)."""
+        if self._thread.ident is None:
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 

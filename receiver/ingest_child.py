@@ -23,8 +23,10 @@ from typing import Any
 import zmq
 
 from boldstream.config.settings import Settings
+from boldstream.errors import ReceiverError
 from boldstream.logs import configure_logging, get_logger
 from boldstream.receiver.ingest import Begun, Emitted, Ingest
+from boldstream.receiver.ring import Ring
 from boldstream.receiver.scp import Received
 from boldstream.receiver.spool import Spool
 from boldstream.stream import codec
@@ -50,8 +52,17 @@ class _Child:
     to a second thread sits between the verdict and the volume.
     """
 
-    def __init__(self, settings: Settings, instances: str, results: str, generation: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        instances: str,
+        results: str,
+        generation: int,
+        ring: Ring | None = None,
+    ) -> None:
         self.generation = generation
+        #: Where the receiver puts instance bytes (None: all come inline).
+        self.ring = ring
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.pull: zmq.Socket[Any] = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, HWM)
@@ -100,6 +111,13 @@ class _Child:
                 self.ingest.finish(parked.begun, frames[2] == b"1")
             return
         header = json.loads(frames[1])
+        place = header.get("ring")
+        if place is not None:
+            if self.ring is None:
+                raise ReceiverError("an instance in shared memory, and no ring to read it from")
+            encoded = self.ring.get(int(place[0]), int(place[1]))
+        else:
+            encoded = frames[2]
         self.consumed += 1
         begun = self.ingest.begin(
             Received(  # read in begin(), which keeps an unreadable one for finish() to report
@@ -108,7 +126,7 @@ class _Child:
                 sop_instance_uid=header["sop_instance_uid"],
                 received=float(header["received"]),
                 calling_aet=header["calling_aet"],
-                encoded=frames[2],
+                encoded=encoded,
             )
         )
         if header["pending"]:
@@ -192,6 +210,8 @@ class _Child:
         self.report(b"bye")
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
         self.pull.close(0)
         self.push.close(0 if self.orphaned else None)
         self.ctx.term()
@@ -206,12 +226,22 @@ class _Parked:
     warned: bool = False
 
 
-def child_main(settings_json: str, instances: str, results: str, generation: int) -> None:
+def child_main(
+    settings_json: str,
+    instances: str,
+    results: str,
+    generation: int,
+    ring_name: str | None,
+    ring_read_to: Any,
+) -> None:
     # Ctrl-C reaches the whole process group; the receiver decides when this stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings.model_validate_json(settings_json)
     configure_logging(level=settings.logging.level, json=settings.logging.json_output)
-    child = _Child(settings, instances, results, generation)
+    # The receiver made the ring for this child: not reaching it is fatal here
+    # (start() reports the exit), or every notice would name bytes it cannot read.
+    ring = None if ring_name is None else Ring.attach(ring_name, ring_read_to)
+    child = _Child(settings, instances, results, generation, ring)
     try:
         child.run()
     finally:

@@ -9,11 +9,14 @@ they no longer compete with the associations for one interpreter lock.
 Protocol (ZeroMQ over loopback TCP; both sockets bound by the parent, no
 pickle):
 
-- parent PUSH -> child PULL, instances: ``[b"instance", header JSON, encoded
-  instance]``, sent by the handler while its durable write runs (the child
-  decodes meanwhile), then ``[b"durable", token, b"1" | b"0"]`` once the
-  write has ended: the child assembles the instance only after a ``1``, so
-  nothing the scanner was not told is safe becomes part of a volume. An
+- parent PUSH -> child PULL, instances: ``[b"instance", header JSON]`` with
+  the instance's bytes in shared memory (:mod:`boldstream.receiver.ring`,
+  its place in the header), or ``[b"instance", header JSON, encoded
+  instance]`` when they do not fit there, sent by the handler while its
+  durable write runs (the child decodes meanwhile), then ``[b"durable",
+  token, b"1" | b"0"]`` once the write has ended: the child assembles the
+  instance only after a ``1``, so nothing the scanner was not told is safe
+  becomes part of a volume. An
   instance that could not be sent early, or went to a child that has since
   been replaced, is sent whole after its write instead. ``[b"sync"]``
   answers a child's ``hello``; ``[b"stop"]`` follows the last instance.
@@ -50,6 +53,7 @@ from boldstream.errors import ReceiverError
 from boldstream.logs import get_logger
 from boldstream.receiver.ingest import Emitted, IngestStats
 from boldstream.receiver.ingest_child import HWM, TICK_S, child_main
+from boldstream.receiver.ring import Ring
 from boldstream.receiver.scp import Received
 from boldstream.receiver.spool import Spool
 from boldstream.stream import codec
@@ -111,6 +115,7 @@ class IngestProcess:
         port = self._pull.bind_to_random_port("tcp://127.0.0.1")
         self._results_endpoint = f"tcp://127.0.0.1:{port}"
         self._push: zmq.Socket[Any] = self._new_push()
+        self._ring: Ring | None = None  # the current child's, from start()
 
     # -- Ingest's face ------------------------------------------------------
     @property
@@ -148,6 +153,7 @@ class IngestProcess:
 
     def start(self) -> None:
         """Start the child; returns once it has listed what it recovers."""
+        self._ring = self._new_ring()
         self._thread = threading.Thread(target=self._run, name="boldstream-ingest-rx", daemon=True)
         self._thread.start()
         self._spawn()
@@ -180,11 +186,15 @@ class IngestProcess:
                 self._log.error("ingest process did not stop; terminating it")
                 process.terminate()
                 process.join(5.0)
-        self._bye.wait(2.0)
+        if process is not None and process.exitcode == 0:
+            self._bye.wait(2.0)  # sent before it exited; the receiving thread may not have it yet
         if self._thread is not None:
             self._thread.join(5.0)
         self._push.close(0)
         self._pull.close(0)
+        with self._send_lock:
+            if self._ring is not None:
+                self._ring.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once the child has processed everything sent to it so far."""
@@ -211,7 +221,10 @@ class IngestProcess:
         return push
 
     @staticmethod
-    def _frames(item: Received, token: int, *, pending: bool) -> list[Any]:
+    def _frames(
+        item: Received, token: int, *, pending: bool, ring: tuple[int, int] | None = None
+    ) -> list[Any]:
+        """The instance message: its bytes inline, or a notice of where they are in the ring."""
         header = {
             "token": token,
             "pending": pending,
@@ -221,16 +234,24 @@ class IngestProcess:
             "received": item.received,
             "calling_aet": item.calling_aet,
         }
+        if ring is not None:
+            header["ring"] = list(ring)
+            return [b"instance", json.dumps(header).encode()]
         return [b"instance", json.dumps(header).encode(), item.encoded]
 
     def _try_send(self, item: Received, token: int) -> int | None:
         """One attempt to send ``item`` before its write; the generation it went to."""
         with self._send_lock:
+            place = None if self._ring is None else self._ring.put(item.encoded)
             try:
                 self._push.send_multipart(
-                    self._frames(item, token, pending=True), flags=zmq.NOBLOCK, copy=False
+                    self._frames(item, token, pending=True, ring=place),
+                    flags=zmq.NOBLOCK,
+                    copy=False,
                 )
             except zmq.ZMQError:
+                if place is not None and self._ring is not None:
+                    self._ring.take_back()
                 return None
             self._sent += 1
             return self._generation
@@ -273,8 +294,22 @@ class IngestProcess:
             time.sleep(0.001)
 
     # -- the child's lifecycle (receiving thread) ----------------------------
+    def _new_ring(self) -> Ring | None:
+        """Shared memory for the next child; None (every instance sent whole) if
+        the system has none to give."""
+        try:
+            return Ring.create()
+        except OSError as exc:
+            self._log.warning(
+                "no shared memory for the ingest process; instances go through its "
+                "socket instead (slower)",
+                error=str(exc),
+            )
+            return None
+
     def _spawn(self) -> None:
         mp: Any = multiprocessing.get_context("spawn")
+        ring = self._ring
         self._ready.clear()
         self._idle = False
         process = mp.Process(
@@ -284,6 +319,8 @@ class IngestProcess:
                 self._instances_endpoint,
                 self._results_endpoint,
                 self._generation,
+                None if ring is None else ring.name,
+                None if ring is None else ring.read_to,
             ),
             name="boldstream-ingest",
             daemon=True,
@@ -327,6 +364,10 @@ class IngestProcess:
             # new child has scanned the spool.
             self._push.close(0)
             self._push = self._new_push()
+            # A new ring too: the dead child may have left notices unread.
+            if self._ring is not None:
+                self._ring.close()
+            self._ring = self._new_ring()
             self._generation += 1
             self._rescan = False
             self._sent = 0

@@ -40,9 +40,15 @@ class Receiver:
         self.scp = StorageSCP(settings.receiver, self.spool, self.ingest.submit)
 
     def start(self) -> None:
-        self.ingest.recover()
-        self.ingest.start()
-        self.scp.start()
+        try:
+            self.ingest.recover()
+            self.ingest.start()
+            self.scp.start()
+        except BaseException:
+            # Nothing outlives a failed start: the ingest thread or process, and
+            # the process' shared memory.
+            self.ingest.stop()
+            raise
 
     @property
     def port(self) -> int:

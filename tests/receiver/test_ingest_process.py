@@ -173,6 +173,24 @@ def _received(path: Path, durable: Durability, spool: Spool) -> tuple[Received, 
     return item, ds
 
 
+def _deliver(ingest: IngestProcess, spool: Spool, paths: list[Path]) -> None:
+    """What the handler does with each instance: hand it over, write it, resolve it."""
+    for path in paths:
+        item, ds = _received(path, Durability(), spool)
+        ingest.submit(item)
+        spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, item.encoded)
+        item.durable.resolve(True)
+
+
+def _kill_and_wait_for_the_restart(ingest: IngestProcess) -> None:
+    pid = ingest.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not (ingest.restarts == 1 and ingest.wait_idle(0.1)):
+        assert time.monotonic() < deadline, "the ingest process was not restarted"
+
+
 def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
     tmp_path: Path, files: list[Path]
 ) -> None:
@@ -180,19 +198,10 @@ def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
     and the new child may have scanned the spool before the write ended. The
     whole instance must then go to the new child."""
     with _running(tmp_path) as (ingest, collected, spool):
-        for path in files[: N_SLICES - 1]:  # stored, as the handler would
-            item, ds = _received(path, Durability(), spool)
-            ingest.submit(item)
-            spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, item.encoded)
-            item.durable.resolve(True)
+        _deliver(ingest, spool, files[: N_SLICES - 1])
         last, ds = _received(files[N_SLICES - 1], Durability(), spool)
         ingest.submit(last)  # its write is "still under way"
-        first = ingest.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not (ingest.restarts == 1 and ingest.wait_idle(0.1)):
-            assert time.monotonic() < deadline, "the ingest process was not restarted"
+        _kill_and_wait_for_the_restart(ingest)
         assert collected.volumes == {}  # the new child recovered 11 of 12 slices
         spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, last.encoded)
         last.durable.resolve(True)
@@ -361,3 +370,66 @@ def test_child_assembles_the_spool_before_anything_sent_live(
         assert kinds.index(b"ready") < kinds.index(b"event")
         assert order == [0, 1]
         assert child.ingest.stats.recovered == N_SLICES
+
+
+def test_instances_go_through_shared_memory_and_a_new_child_gets_a_new_ring(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """The handler puts an instance's bytes in the ring and sends a notice; a
+    restarted child gets a fresh ring and the dead child's is removed."""
+    with _running(tmp_path) as (ingest, collected, spool):
+        _deliver(ingest, spool, files[:N_SLICES])
+        assert sorted(collected.wait(1)) == [0]
+        first = ingest._ring
+        assert first.read_to.value >= sum(p.stat().st_size for p in files[:N_SLICES])
+        shm = Path("/dev/shm") / first.name.lstrip("/")
+        _kill_and_wait_for_the_restart(ingest)
+        assert ingest._ring is not first and ingest._ring.read_to.value == 0
+        if shm.parent.is_dir():
+            assert not shm.exists()
+        _deliver(ingest, spool, files[N_SLICES : 2 * N_SLICES])
+        assert sorted(collected.wait(2)) == [0, 1]
+        assert ingest._ring.read_to.value > 0
+
+
+def test_a_receiver_that_cannot_listen_leaves_nothing_running(tmp_path: Path) -> None:
+    """The port is taken: start() fails, and the ingest process and its shared
+    memory are gone with it (no orphan, no leaked segment)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = _settings(tmp_path / "spool")
+        settings = settings.model_copy(
+            update={
+                "receiver": settings.receiver.model_copy(update={"port": taken.getsockname()[1]})
+            }
+        )
+        receiver = Receiver(settings, Collected())
+        with pytest.raises(ReceiverError, match="cannot listen"):
+            receiver.start()
+    ingest = receiver.ingest
+    assert isinstance(ingest, IngestProcess)
+    assert ingest._process is not None and not ingest._process.is_alive()
+    ring = ingest._ring
+    assert ring is not None
+    shm = Path("/dev/shm") / ring.name.lstrip("/")
+    if shm.parent.is_dir():
+        assert not shm.exists()
+
+
+def test_without_shared_memory_instances_go_through_the_socket(
+    tmp_path: Path, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from boldstream.receiver.ring import Ring
+
+    def no_room(cls: Any, size: int = 0) -> Ring:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Ring, "create", classmethod(no_room))
+    with capture_logs() as logs, _running(tmp_path) as (ingest, collected, spool):
+        assert ingest._ring is None
+        _deliver(ingest, spool, files[:N_SLICES])
+        assert sorted(collected.wait(1)) == [0]
+    assert any(e["event"].startswith("no shared memory for the ingest process") for e in logs)

@@ -1,0 +1,111 @@
+"""Instance bytes handed to the ingest process through shared memory.
+
+The receiver sends each instance to the ingest process while its durable
+write runs. Through a ZeroMQ socket a 300 KB mosaic took 0.6 ms from the
+send to the ingest process's thread having it (two I/O threads and a
+loopback copy; docs/benchmarks.md, Receive). Instead, the handler copies the
+bytes into this ring and sends only a notice (the instance's header and its
+place in the ring) on the same socket, in the same order; the ingest process
+copies the bytes out and gives the space back.
+
+One writer (the receiver; its handler threads reserve and write under the
+ingest's send lock, in the order the notices are sent) and one reader (the
+ingest process's one thread, in notice order). Positions are byte counts
+since the ring was made; an instance never wraps (the end of the ring is
+skipped instead). The reader's position is a :func:`multiprocessing.Value`,
+read and written under its lock. A ring belongs to one ingest process: a new
+one gets a new ring, so nothing a dead one left half-read is ever reused.
+
+Nothing depends on the ring for safety: an instance that does not fit (the
+ingest process far behind, or an instance bigger than a quarter of the ring)
+is sent whole on the socket as before, and every instance is in the spool
+before it may become part of a volume.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing import shared_memory
+from typing import Any
+
+__all__ = ["RING_BYTES", "Ring"]
+
+#: Shared memory per ingest process (about a hundred 64x64x36 mosaics).
+RING_BYTES = 32 * 1024 * 1024
+
+
+class Ring:
+    """A byte ring in shared memory; see the module docstring.
+
+    :meth:`create` makes one (the receiver), :meth:`attach` opens it (the
+    ingest process, with the ``name``, ``size`` and ``read_to`` it was given).
+    """
+
+    def __init__(self, memory: shared_memory.SharedMemory, read_to: Any, *, owner: bool) -> None:
+        self._memory = memory
+        buf = memory.buf
+        assert buf is not None  # None only after close()
+        self._buf: memoryview = buf
+        self.name = memory.name
+        self.size = memory.size
+        #: The reader's position (bytes consumed), shared.
+        self.read_to = read_to
+        self._owner = owner
+        self._head = 0  # the writer's position (bytes reserved)
+        self._before = 0  # the writer's position before the last put
+        self._closed = False
+
+    @classmethod
+    def create(cls, size: int = RING_BYTES) -> Ring:
+        memory = shared_memory.SharedMemory(create=True, size=size)
+        read_to = multiprocessing.get_context("spawn").Value("Q", 0)
+        return cls(memory, read_to, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, read_to: Any) -> Ring:
+        return cls(shared_memory.SharedMemory(name=name), read_to, owner=False)
+
+    # -- the writer ------------------------------------------------------------
+    def put(self, data: bytes) -> tuple[int, int] | None:
+        """Copy ``data`` in; its (position, length), or None when it does not fit now.
+
+        The caller sends the notice next; if that fails, :meth:`take_back`.
+        """
+        n = len(data)
+        if n > self.size // 4:
+            return None
+        start = self._head
+        offset = start % self.size
+        if offset + n > self.size:
+            start += self.size - offset  # never wrap inside an instance
+            offset = 0
+        with self.read_to.get_lock():
+            free = self.size - (start + n - self.read_to.value)
+        if free < 0:
+            return None
+        self._buf[offset : offset + n] = data
+        self._before, self._head = self._head, start + n
+        return start, n
+
+    def take_back(self) -> None:
+        """Undo the last :meth:`put` (its notice could not be sent)."""
+        self._head = self._before
+
+    # -- the reader ------------------------------------------------------------
+    def get(self, start: int, n: int) -> bytes:
+        """A copy of the bytes at ``start``; their space goes back to the writer."""
+        offset = start % self.size
+        data = bytes(self._buf[offset : offset + n])
+        with self.read_to.get_lock():
+            self.read_to.value = start + n
+        return data
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the shared memory. Once is enough."""
+        if self._closed:
+            return
+        self._closed = True
+        del self._buf
+        self._memory.close()
+        if self._owner:
+            self._memory.unlink()
