@@ -7,7 +7,8 @@ those first and then the instances and verdicts it is sent, in order, on one
 thread (see :class:`_Child`), pushing the volumes back. It reports its
 progress every tick and exits when told to stop (after everything sent
 before) or when its parent is gone. The protocol is described in
-:mod:`boldstream.receiver.ingest_process`."""
+:mod:`boldstream.receiver.ingest_process`.
+"""
 
 from __future__ import annotations
 

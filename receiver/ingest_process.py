@@ -195,6 +195,7 @@ class IngestProcess:
         with self._send_lock:
             if self._ring is not None:
                 self._ring.close()
+                self._ring = None  # a late handler sends whole (and finds the socket closed)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once the child has processed everything sent to it so far."""
