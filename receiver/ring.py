@@ -13,8 +13,9 @@ ingest's send lock, in the order the notices are sent) and one reader (the
 ingest process's one thread, in notice order). Positions are byte counts
 since the ring was made; an instance never wraps (the end of the ring is
 skipped instead). The reader's position is a :func:`multiprocessing.Value`,
-read and written under its lock. A ring belongs to one ingest process: a new
-one gets a new ring, so nothing a dead one left half-read is ever reused.
+read and written under its lock (its ``value`` property takes it). A ring
+belongs to one ingest process: a new one gets a new ring, so nothing a dead
+one left half-read is ever reused.
 
 Nothing depends on the ring for safety: an instance that does not fit (the
 ingest process far behind, or an instance bigger than a quarter of the ring)
@@ -38,7 +39,7 @@ class Ring:
     """A byte ring in shared memory; see the module docstring.
 
     :meth:`create` makes one (the receiver), :meth:`attach` opens it (the
-    ingest process, with the ``name``, ``size`` and ``read_to`` it was given).
+    ingest process, with the ``name`` and ``read_to`` it was given).
     """
 
     def __init__(self, memory: shared_memory.SharedMemory, read_to: Any, *, owner: bool) -> None:
@@ -79,9 +80,7 @@ class Ring:
         if offset + n > self.size:
             start += self.size - offset  # never wrap inside an instance
             offset = 0
-        with self.read_to.get_lock():
-            free = self.size - (start + n - self.read_to.value)
-        if free < 0:
+        if start + n - self.read_to.value > self.size:  # .value takes the Value's lock
             return None
         self._buf[offset : offset + n] = data
         self._before, self._head = self._head, start + n
@@ -96,8 +95,7 @@ class Ring:
         """A copy of the bytes at ``start``; their space goes back to the writer."""
         offset = start % self.size
         data = bytes(self._buf[offset : offset + n])
-        with self.read_to.get_lock():
-            self.read_to.value = start + n
+        self.read_to.value = start + n
         return data
 
     def close(self) -> None:
