@@ -11,7 +11,6 @@ lost, and it does not outlive the receiver.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -291,17 +290,10 @@ def _child_here(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
 
 
 def _instance_frames(path: Path, token: int, spool: Spool) -> list[bytes]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    header = {
-        "token": token,
-        "pending": True,
-        "path": str(spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)),
-        "sop_class_uid": str(ds.SOPClassUID),
-        "sop_instance_uid": str(ds.SOPInstanceUID),
-        "received": time.time(),
-        "calling_aet": "SCANNER",
-    }
-    return [b"instance", json.dumps(header).encode(), path.read_bytes()]
+    """The message the receiver sends for ``path`` before its durable write."""
+    item, _ = _received(path, Durability(), spool)
+    frames: list[bytes] = IngestProcess._frames(item, token, pending=True)
+    return frames
 
 
 def test_child_parks_each_instance_until_its_verdict_and_logs_a_slow_one(
