@@ -95,7 +95,8 @@ class Ingest:
         self.stats = IngestStats()
         self._emit = emit
         self._tick_s = tick_s
-        self._slow_write_s = slow_write_s
+        #: How long a write may run before the wait for it is logged (s).
+        self.slow_write_s = slow_write_s
         self._queue: queue.Queue[Received | None] = queue.Queue(maxsize=max_queue)
         self._selector = SeriesSelector(settings.selector)
         self._assembler = Assembler(settings.assembly)
@@ -236,10 +237,10 @@ class Ingest:
         """Whether the instance is new and in the spool (the handler may still be writing)."""
         waited = 0.0
         while True:
-            stored = item.durable.wait(self._slow_write_s)
+            stored = item.durable.wait(self.slow_write_s)
             if stored is not None:
                 return stored
-            waited += self._slow_write_s
+            waited += self.slow_write_s
             self._log.warning(
                 "spool write still under way; assembly waits for it",
                 path=str(item.path),

@@ -39,8 +39,6 @@ __all__ = ["HWM", "TICK_S", "child_main"]
 HWM = 20000
 #: How often the child reports and the parent checks on it (s).
 TICK_S = 0.1
-#: After this long without its verdict, a parked instance is logged (s).
-SLOW_WRITE_S = 10.0
 
 
 class _Child:
@@ -78,12 +76,14 @@ class _Child:
         #: Spooled files to assemble before anything sent live (oldest first).
         self.backlog: deque[Path] = deque()
         self.early: deque[list[bytes]] = deque()
-        self.slow_write_s = SLOW_WRITE_S
         # The parent's handlers write into .incoming right now: leave it alone.
         spool = Spool(
             settings.receiver.spool_dir, fsync=settings.receiver.fsync, clean_incoming=False
         )
         self.ingest = Ingest(settings, spool, self.emit)
+        #: After this long without its verdict, a parked instance is logged (s),
+        #: as the ingest thread logs a write it waits for.
+        self.slow_write_s = self.ingest.slow_write_s
         self.log = get_logger("ingest", pid=os.getpid())
 
     def emit(self, event: Emitted) -> None:
