@@ -104,7 +104,7 @@ def _multi(text: str, convert: Callable[[str], Any]) -> Any:
 
 
 def _ascii(raw: bytes) -> str:
-    if any(b >= 0x80 or b == 0x1B for b in raw):  # a character set pydicom would apply
+    if not raw.isascii() or b"\x1b" in raw:  # a character set pydicom would apply
         raise _NotLeanError("text that is not plain ASCII")
     return raw.decode("ascii")
 

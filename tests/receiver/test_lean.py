@@ -171,6 +171,10 @@ def test_what_it_does_not_read_exactly_goes_to_pydicom(builders: ModuleType) -> 
     latin.SpecificCharacterSet = "ISO_IR 100"
     latin.SeriesDescription = "r\xe9pos"
     assert read_lean(part10(latin, ExplicitVRLittleEndian)) is None
+    # ASCII bytes with an ISO 2022 escape: pydicom would switch character sets.
+    escaped = copy.deepcopy(ds)
+    escaped.SeriesDescription = "rest \x1b(B"
+    assert read_lean(part10(escaped, ExplicitVRLittleEndian)) is None
     # A UID with a stray tab in front (hypothesis found it): pydicom's UID strips it.
     sop_uid = b"\x08\x00\x18\x00UI@\x001.2"  # (0008,0018) SOPInstanceUID, explicit VR
     tabbed = part10(ds, ExplicitVRLittleEndian).replace(sop_uid, sop_uid[:-3] + b"\t.2", 1)
