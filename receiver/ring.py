@@ -17,6 +17,14 @@ read and written under its lock (its ``value`` property takes it). A ring
 belongs to one ingest process: a new one gets a new ring, so nothing a dead
 one left half-read is ever reused.
 
+The segment is reserved whole when it is made (``posix_fallocate``: a
+/dev/shm too small for it is an error then, which sends every instance
+through the socket, not a SIGBUS in the receiver at the first write past
+the room there is) and its pages are mapped up front, on both sides: a
+first touch costs a page fault per 4 KiB, 0.3 ms for a mosaic's 300 KB in
+the handler's path before its durable write, for the first hundred
+instances of every ingest process otherwise.
+
 Nothing depends on the ring for safety: an instance that does not fit (the
 ingest process far behind, or an instance bigger than a quarter of the ring)
 is sent whole on the socket as before, and every instance is in the spool
@@ -25,7 +33,9 @@ before it may become part of a volume.
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
+import os
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -58,13 +68,29 @@ class Ring:
 
     @classmethod
     def create(cls, size: int = RING_BYTES) -> Ring:
+        """A new ring, its memory reserved and mapped; OSError when there is no room."""
         memory = shared_memory.SharedMemory(create=True, size=size)
-        read_to = multiprocessing.get_context("spawn").Value("Q", 0)
-        return cls(memory, read_to, owner=True)
+        try:
+            fd = getattr(memory, "_fd", -1)  # POSIX: the segment's descriptor
+            if fd >= 0 and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, memory.size)
+            read_to = multiprocessing.get_context("spawn").Value("Q", 0)
+        except BaseException:
+            memory.close()
+            memory.unlink()
+            raise
+        ring = cls(memory, read_to, owner=True)
+        zeros = bytes(min(ring.size, 1 << 20))
+        for start in range(0, ring.size, len(zeros)):  # map every page now
+            end = min(start + len(zeros), ring.size)
+            ring._buf[start:end] = zeros[: end - start]
+        return ring
 
     @classmethod
     def attach(cls, name: str, read_to: Any) -> Ring:
-        return cls(shared_memory.SharedMemory(name=name), read_to, owner=False)
+        ring = cls(shared_memory.SharedMemory(name=name), read_to, owner=False)
+        bytes(ring._buf[:: mmap.PAGESIZE])  # map every page now: a byte of each
+        return ring
 
     # -- the writer ------------------------------------------------------------
     def put(self, data: bytes) -> tuple[int, int] | None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
+import sys
+from multiprocessing import shared_memory
+from typing import Any
 
 import pytest
 
@@ -70,3 +75,57 @@ def test_the_owner_removes_the_shared_memory_once() -> None:
     ring.close()
     with pytest.raises(FileNotFoundError):
         Ring.attach(ring.name, ring.read_to)
+
+
+def _resident_kib(name: str) -> list[int]:
+    """Rss of each of this process's mappings of the segment ``name`` (KiB)."""
+    sizes, inside = [], False
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = len(head) >= 6 and head[5].endswith("/" + name.lstrip("/"))
+            elif inside and head[0] == "Rss:":
+                sizes.append(int(head[1]))
+    return sizes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_memory_is_reserved_and_mapped_when_the_ring_is_made() -> None:
+    size = 4 << 20
+    ring = Ring.create(size)
+    try:
+        # Both sides' pages are in place before the first instance: no page
+        # fault in the handler's path, and no SIGBUS later for want of room.
+        assert _resident_kib(ring.name) == [size // 1024]
+        reader = Ring.attach(ring.name, ring.read_to)
+        try:
+            assert _resident_kib(ring.name) == [size // 1024, size // 1024]
+            assert os.stat(f"/dev/shm/{ring.name.lstrip('/')}").st_blocks * 512 >= size
+        finally:
+            reader.close()
+    finally:
+        ring.close()
+
+
+def test_no_room_for_the_ring_is_an_error_that_leaves_no_segment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str] = []
+    real = shared_memory.SharedMemory
+
+    def tracked(*args: Any, **kwargs: Any) -> shared_memory.SharedMemory:
+        memory = real(*args, **kwargs)
+        made.append(memory.name)
+        return memory
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", tracked)
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        Ring.create(1 << 16)
+    assert len(made) == 1
+    with pytest.raises(FileNotFoundError):
+        real(name=made[0])
