@@ -142,8 +142,9 @@ class Assembler:
                 continue  # two tiles at one position: add() sorts that out
             rows, cols = fragment.matrix
             data = np.empty((cols, rows, n), dtype=np.float32)
-            for z, k in enumerate(np.argsort(along, kind="stable")):
-                _fill(data[:, :, z], _Slice(fragment, int(k), float(along[k])))
+            slopes, intercepts = fragment.slopes.tolist(), fragment.intercepts.tolist()
+            for z, k in enumerate(np.argsort(along, kind="stable").tolist()):
+                _rescale(data[:, :, z], fragment.pixels[k].T, slopes[k], intercepts[k])
             out.append(Prepared(fragment, data))
         return out
 
@@ -417,9 +418,18 @@ class Assembler:
 def _fill(out: npt.NDArray[np.float32], item: _Slice) -> None:
     """Write one stored slice, transposed and rescaled, into the volume."""
     fragment = item.fragment
-    pixels: npt.NDArray[Any] = fragment.pixels[item.k].T
-    slope = float(fragment.slopes[item.k])
-    intercept = float(fragment.intercepts[item.k])
+    _rescale(
+        out,
+        fragment.pixels[item.k].T,
+        float(fragment.slopes[item.k]),
+        float(fragment.intercepts[item.k]),
+    )
+
+
+def _rescale(
+    out: npt.NDArray[np.float32], pixels: npt.NDArray[Any], slope: float, intercept: float
+) -> None:
+    """``out = pixels * slope + intercept``, in place."""
     if slope == 1.0 and intercept == 0.0:
         out[...] = pixels
         return
