@@ -12,9 +12,10 @@ ms of a 300 KB instance's 1.2-1.4 ms write, measured 100 ms apart), and a
 crash mid-write leaves nothing behind. Where the filesystem has no such
 files (or there is no /proc) it is a named ``<root>/.incoming/*.part`` file
 instead, removed after the link; a crash can leave those, and opening the
-spool removes them. A resent instance
-(same SOP Instance UID) finds its name taken and is reported as a duplicate:
-stored once, processed once.
+spool removes them.
+
+A resent instance (same SOP Instance UID) finds its name taken and is
+reported as a duplicate: stored once, processed once.
 
 A series directory holding a ``.closed`` marker has been finalised; every
 other series is re-read by :meth:`Spool.pending` when the service restarts, so
@@ -27,6 +28,7 @@ import contextlib
 import errno
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,7 +82,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """Durable, de-duplicating instance store (thread-safe: no shared state)."""
+    """Durable, de-duplicating instance store (thread-safe: the only shared
+    state is the set of series folders already made, under its lock)."""
 
     def __init__(
         self,
@@ -96,6 +99,9 @@ class Spool:
         self._incoming = self.root / ".incoming"
         #: Whether instances are written as nameless files (see the module docstring).
         self.nameless = bool(_O_TMPFILE) and _PROC_FD.is_dir()
+        #: Series folders known to exist with durable names (one entry per series).
+        self._folders: set[Path] = set()
+        self._folders_lock = threading.Lock()
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -138,18 +144,21 @@ class Spool:
         return StoredInstance(final, duplicate=duplicate)
 
     def _make_folders(self, series: Path) -> None:
-        """Create the study and series folders if need be; a new folder's name
-        is made durable too (its parent fsync'd), or a crash could lose the
-        folder with every instance in it."""
-        if series.is_dir():
+        """Create the study and series folders if need be, their names durable
+        too (each parent fsync'd; a crash could otherwise lose a new folder with
+        every instance in it), once per series and process. Under a lock, so
+        that no handler writes into a folder whose name another is still
+        making durable."""
+        if series in self._folders:
             return
-        for folder in (series.parent, series):
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                continue
-            if self.fsync:
-                _fsync_dir(folder.parent)
+        with self._folders_lock:
+            if series in self._folders:
+                return
+            for folder in (series.parent, series):
+                folder.mkdir(exist_ok=True)
+                if self.fsync:
+                    _fsync_dir(folder.parent)
+            self._folders.add(series)
 
     def _store_nameless(self, final: Path, data: bytes) -> bool | None:
         """Write a nameless file in ``final``'s folder and link it there: True,

@@ -151,7 +151,9 @@ def test_a_filesystem_without_nameless_files_is_written_through_incoming(
     assert list((tmp_path / ".incoming").iterdir()) == []
 
 
-def test_new_folders_are_made_durable_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_folders_are_made_durable_once_per_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     synced: list[Path] = []
     monkeypatch.setattr(spool_module, "_fsync_dir", synced.append)
     spool = Spool(tmp_path)
@@ -161,8 +163,44 @@ def test_new_folders_are_made_durable_once(tmp_path: Path, monkeypatch: pytest.M
     synced.clear()
     spool.store(STUDY, SERIES, "1.2", b"b")
     spool.store(STUDY, "1.2.3.9", "1.3", b"c")
+    # A new series: both names again (the study's too: another handler may
+    # have made the study folder and still be making its name durable).
     assert synced == [
         tmp_path / STUDY / SERIES,
+        tmp_path,
         tmp_path / STUDY,
         tmp_path / STUDY / "1.2.3.9",
     ]
+
+
+def test_no_instance_is_stored_in_a_folder_whose_name_is_not_yet_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_root(path: Path) -> None:  # the first handler, making the study's name durable
+        if path == tmp_path:
+            entered.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", slow_root)
+    spool = Spool(tmp_path)
+    first = threading.Thread(target=spool.store, args=(STUDY, SERIES, "1.1", b"a"))
+    first.start()
+    assert entered.wait(30)
+    done = threading.Event()
+
+    def second() -> None:
+        spool.store(STUDY, SERIES, "1.2", b"b")
+        done.set()
+
+    other = threading.Thread(target=second)
+    other.start()
+    # The second handler waits: answering success now would leave its
+    # instance in a folder a crash could still lose.
+    assert not done.wait(0.3)
+    assert not spool.path_for(STUDY, SERIES, "1.2").exists()
+    release.set()
+    first.join(30)
+    other.join(30)
+    assert done.is_set() and spool.path_for(STUDY, SERIES, "1.2").read_bytes() == b"b"
