@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import threading
@@ -162,19 +163,14 @@ class Spool:
 
     def _store_nameless(self, final: Path, data: bytes) -> bool | None:
         """Write a nameless file in ``final``'s folder and link it there: True,
-        or False when the name was taken; None when the filesystem has no
-        nameless files (from then on this spool names them)."""
+        or False when the name was taken; None when nameless files cannot be
+        used here (from then on this spool names them)."""
         try:
             fd = os.open(final.parent, _O_TMPFILE | os.O_WRONLY, 0o666)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            self.nameless = False
-            get_logger("receiver.spool").info(
-                "spool filesystem has no nameless files; writing through .incoming",
-                folder=str(final.parent),
-                error=exc.strerror,
-            )
+            self._give_up_nameless(final, "the filesystem has no nameless files", exc, "info")
             return None
         try:
             _write_all(fd, data)
@@ -186,9 +182,26 @@ class Spool:
                 os.link(_PROC_FD / str(fd), final, src_dir_fd=-1, follow_symlinks=True)
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Whatever keeps the link from working here (a /proc that does
+                # not give it), the named way may not share it: a real I/O
+                # error fails there too and is reported from there.
+                self._give_up_nameless(final, "its link into place failed", exc, "warning")
+                return None
             return True
         finally:
             os.close(fd)
+
+    def _give_up_nameless(self, final: Path, why: str, exc: OSError, level: str) -> None:
+        self.nameless = False
+        get_logger("receiver.spool").log(
+            logging.getLevelName(level.upper()),
+            f"spool: nameless file not usable ({why}); writing through .incoming",
+            folder=str(final.parent),
+            error=exc.strerror,
+        )
 
     def _store_named(self, sop_uid: str, final: Path, data: bytes) -> bool:
         """Write ``<root>/.incoming/*.part`` and link it as ``final``; False when

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 import boldstream.receiver.spool as spool_module
 from boldstream.errors import DicomInputError, ReceiverError
@@ -148,6 +149,29 @@ def test_a_filesystem_without_nameless_files_is_written_through_incoming(
     assert not spool.nameless
     assert len(tried) <= 1  # asked once (none where the platform has no O_TMPFILE)
     assert spool.store(STUDY, SERIES, "1.9.2", b"again").duplicate
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nameless files are Linux's O_TMPFILE")
+def test_a_link_that_fails_through_proc_falls_back_to_incoming_and_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    real_link = os.link
+
+    def no_proc(src: Any, dst: Any, **kwargs: Any) -> None:
+        if str(src).startswith("/proc/"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_proc)
+    with capture_logs() as logs:
+        first = spool.store(STUDY, SERIES, "1.8.1", b"one")
+        second = spool.store(STUDY, SERIES, "1.8.2", b"two")
+    assert (first.path.read_bytes(), second.path.read_bytes()) == (b"one", b"two")
+    assert not spool.nameless
+    warned = [e for e in logs if e["event"].startswith("spool: nameless file not usable")]
+    assert len(warned) == 1 and "link" in warned[0]["event"]
     assert list((tmp_path / ".incoming").iterdir()) == []
 
 
