@@ -89,32 +89,37 @@ class Durability:
     waits on it before the instance may become part of a volume.
     """
 
-    __slots__ = ("_done", "_stored", "_then")
+    __slots__ = ("_done", "_lock", "_stored", "_then")
 
     def __init__(self, stored: bool | None = None) -> None:
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._stored = False
         self._then: Callable[[bool], None] | None = None
         if stored is not None:
             self.resolve(stored)
 
     def resolve(self, stored: bool) -> None:
-        self._stored = stored
-        self._done.set()
-        then, self._then = self._then, None
+        with self._lock:
+            self._stored = stored
+            self._done.set()
+            then, self._then = self._then, None
         if then is not None:
             then(stored)
 
     def when_resolved(self, then: Callable[[bool], None]) -> bool:
         """Call ``then(stored)`` in the resolving thread; False if already resolved.
 
-        For one consumer that registers before the handler's write returns
-        (the ingest process, which sends the child the verdict from here).
+        For one consumer (the ingest process, which sends the child the
+        verdict from here; the ingest thread assembling on arrival, which
+        logs a write that failed). Registering races no resolve: the check
+        and the registration are one step under the lock resolve takes.
         """
-        if self._done.is_set():
-            return False
-        self._then = then
-        return True
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self._then = then
+            return True
 
     def wait(self, timeout: float | None = None) -> bool | None:
         """True: in the spool and new; False: not to be assembled; None: timed out."""
@@ -366,6 +371,11 @@ def handle_store(
         sop_uid = check_uid(sop_uid or header.sop_instance_uid, "SOPInstanceUID")
         study = check_uid(header.study_uid, "StudyInstanceUID")
         series = check_uid(header.series_uid, "SeriesInstanceUID")
+        final = spool.path_for(study, series, sop_uid)
+        if final.exists():  # resent after it was stored: not decoded again
+            stats.add(duplicates=1)
+            log.info("duplicate instance ignored (already stored)", sop=sop_uid, series=series)
+            return STATUS_SUCCESS
         if not header.has_pixel_data and sop_class.startswith("1.2.840.10008.5.1.4.1.1.4"):
             raise DicomInputError("MR image without Pixel Data: truncated or not an image")
         problem = pixel_data_problem(header)
@@ -394,7 +404,7 @@ def handle_store(
     durable = Durability()
     deliver(
         Received(
-            path=spool.path_for(study, series, sop_uid),
+            path=final,
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
             received=received,

@@ -165,7 +165,8 @@ def test_resent_instance_is_stored_and_delivered_once(scp: Harness, pydicom_data
     assert scp.storescu(src).returncode == 0
     assert scp.storescu(src).returncode == 0
     assert len(scp.received) == 1
-    assert [r.durable.wait(0) for r in scp.handed] == [True, False]
+    # The resend is found in the spool before it is handed over: not decoded again.
+    assert [r.durable.wait(0) for r in scp.handed] == [True]
     assert scp.scp.stats.snapshot()["duplicates"] == 1
 
 
