@@ -20,7 +20,10 @@ the files to:
 Receivers alternate within each round of ``--repeats``, and the table gives
 medians. It reports instances/s, MB/s, the ratio to storescp, and boldstream's
 assembly latency per volume (last instance of the volume received -> volume
-ready). A second table sends the per-slice series over 4 associations at once.
+ready), paced as a scanner sends with the ingest in its process and in a
+thread, and for mosaics also with ``receiver.assemble = "on_arrival"`` (no
+wait for the durable write's verdict). A second table sends the per-slice
+series over 4 associations at once.
 
 Two measurements on the very same files, with no network, bound what any
 receiver can do here:
@@ -140,7 +143,12 @@ def _send(port: int, files: Sequence[Path], *, nodelay: bool, senders: int = 1) 
 
 @contextlib.contextmanager
 def _boldstream(
-    root: Path, *, quickack: bool, ingest: str = "process", fsync: bool = True
+    root: Path,
+    *,
+    quickack: bool,
+    ingest: str = "process",
+    fsync: bool = True,
+    assemble: str = "after_write",
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
     spool = Path(tempfile.mkdtemp(dir=root))
     settings = load_settings(
@@ -152,6 +160,7 @@ def _boldstream(
                     "tcp_quickack": quickack,
                     "ingest": ingest,
                     "fsync": fsync,
+                    "assemble": assemble,
                 },
                 "logging": {"level": "error"},  # the ingest process logs by this
                 "selector": {"exclude_image_types": []},
@@ -443,13 +452,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `boldstream simulate` in its own process, as opposed to the flood above, where
         # volumes also queue behind each other.
         paced = [
-            (encoding, mode, f"{label}, paced at 20x real time{suffix}")
+            (encoding, mode, "after_write", f"{label}, paced at 20x real time{suffix}")
             for encoding, label in (("mosaic", "mosaic 64x64x36"), ("slice", "per-slice 64x64x36"))
             for mode, suffix in (("process", ""), ("thread", ", ingest in a thread"))
         ]
+        # receiver.assemble = "on_arrival": no wait for the durable write's verdict.
+        early = "mosaic 64x64x36, paced at 20x real time, assembled on arrival"
+        paced.insert(2, ("mosaic", "process", "on_arrival", early))
         for _ in range(args.repeats):  # alternating: process, thread, process, ...
-            for encoding, mode, label in paced:
-                with _boldstream(root, quickack=True, ingest=mode) as (port, vols, rec):
+            for encoding, mode, assemble, label in paced:
+                with _boldstream(root, quickack=True, ingest=mode, assemble=assemble) as (
+                    port,
+                    vols,
+                    rec,
+                ):
                     subprocess.run(
                         [sys.executable, "-m", "boldstream", "simulate", "--volumes", "60",
                          "--encoding", encoding, "--pace", "20", "--port", str(port)],

@@ -247,9 +247,35 @@ class Ingest:
                 waited_s=waited,
             )
 
+    @property
+    def on_arrival(self) -> bool:
+        """Instances join their volumes before their durable write has ended
+        (``receiver.assemble = "on_arrival"``)."""
+        return self.settings.receiver.assemble == "on_arrival"
+
     def _process(self, item: Received) -> None:
         begun = self.begin(item)
-        self.finish(begun, self._wait_durable(item))
+        if not self.on_arrival:
+            self.finish(begun, self._wait_durable(item))
+            return
+        self.finish(begun, True)
+        path = item.path
+
+        def check(stored: bool) -> None:  # in the handler's thread, when its write ends
+            if not stored:
+                self.not_stored_after_all(path)
+
+        if not item.durable.when_resolved(check):
+            check(item.durable.wait(0) is True)
+
+    def not_stored_after_all(self, path: Path) -> None:
+        """The write of an instance already assembled (``on_arrival``) did not
+        store it: refused to the scanner, or a copy of it got there first."""
+        self._log.warning(
+            "instance assembled on arrival, but its spool write did not store it "
+            "(refused to the scanner, or a copy already there)",
+            path=str(path),
+        )
 
     def begin(self, item: Received) -> Begun:
         """The work that may precede the instance's durable write: read and decode.

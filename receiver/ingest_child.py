@@ -73,6 +73,8 @@ class _Child:
         self.orphaned = False
         #: Instances sent before their durable write, begun, waiting for its verdict.
         self.pending: dict[int, _Parked] = {}
+        #: Instances assembled on arrival (``receiver.assemble``), their verdict to come.
+        self.assembled_early: dict[int, Path] = {}
         #: Spooled files to assemble before anything sent live (oldest first).
         self.backlog: deque[Path] = deque()
         self.early: deque[list[bytes]] = deque()
@@ -107,9 +109,13 @@ class _Child:
     def take(self, frames: list[bytes]) -> None:
         """An instance or a verdict on one."""
         if frames[0] == b"durable":
-            parked = self.pending.pop(int(frames[1]), None)
+            token, stored = int(frames[1]), frames[2] == b"1"
+            parked = self.pending.pop(token, None)
             if parked is not None:
-                self.ingest.finish(parked.begun, frames[2] == b"1")
+                self.ingest.finish(parked.begun, stored)
+            early = self.assembled_early.pop(token, None)
+            if early is not None and not stored:
+                self.ingest.not_stored_after_all(early)
             return
         header = json.loads(frames[1])
         place = header.get("ring")
@@ -130,10 +136,13 @@ class _Child:
                 encoded=encoded,
             )
         )
-        if header["pending"]:
-            self.pending[int(header["token"])] = _Parked(begun, time.monotonic())
-        else:
+        if not header["pending"]:
             self.ingest.finish(begun, True)
+        elif self.ingest.on_arrival:
+            self.ingest.finish(begun, True)
+            self.assembled_early[int(header["token"])] = begun.item.path
+        else:
+            self.pending[int(header["token"])] = _Parked(begun, time.monotonic())
 
     def recover_one(self, path: Path) -> None:
         item = self.ingest.read_recovered(path)

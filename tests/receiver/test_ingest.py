@@ -29,11 +29,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Run:
-    def __init__(self, tmp_path: Path, **ingest: Any) -> None:
-        settings = load_settings(
-            overrides=[{"receiver": {"port": 0, "spool_dir": str(tmp_path / "spool")}}],
-            environ={},
-        )
+    def __init__(self, tmp_path: Path, assemble: str = "after_write", **ingest: Any) -> None:
+        receiver = {"port": 0, "spool_dir": str(tmp_path / "spool"), "assemble": assemble}
+        settings = load_settings(overrides=[{"receiver": receiver}], environ={})
         self.events: list[Volume | VolumeIncomplete] = []
         self.cond = threading.Condition()
         self.ingest = Ingest(settings, Spool(settings.receiver.spool_dir), self._emit, **ingest)
@@ -143,5 +141,28 @@ def test_slow_write_is_logged_while_assembly_waits(tmp_path: Path, builders: Mod
                 assert run.cond.wait_for(lambda: len(run.events) == 1, timeout=10)
         line = next(e for e in logs if e["event"].startswith("spool write still under way"))
         assert line["log_level"] == "warning" and line["waited_s"] >= 0.1
+    finally:
+        run.ingest.stop()
+
+
+def test_on_arrival_a_volume_does_not_wait_for_writes_and_a_failed_one_is_logged(
+    tmp_path: Path, builders: ModuleType
+) -> None:
+    run = Run(tmp_path, assemble="on_arrival")
+    try:
+        (slices,), _ = builders.build_series(1, 3, images_in_acquisition=3)
+        tokens = [Durability() for _ in slices]
+        with capture_logs() as logs:
+            for ds, token in zip(slices, tokens, strict=True):
+                run.submit(ds, token)
+            with run.cond:  # no write has returned yet
+                assert run.cond.wait_for(lambda: len(run.events) == 1, timeout=10)
+            assert [v.index for v in run.volumes()] == [0]
+            tokens[0].resolve(True)
+            tokens[1].resolve(False)  # spool full: the scanner was refused this one
+            tokens[2].resolve(True)
+            assert run.ingest.wait_idle(10)
+        failed = [e for e in logs if "its spool write did not store it" in e["event"]]
+        assert len(failed) == 1 and failed[0]["path"].endswith(f"{slices[1].SOPInstanceUID}.dcm")
     finally:
         run.ingest.stop()

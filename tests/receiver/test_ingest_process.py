@@ -64,11 +64,9 @@ class Collected:
             return dict(self.volumes)
 
 
-def _settings(spool: Path) -> Any:
-    return load_settings(
-        overrides=[{"receiver": {"port": 0, "spool_dir": str(spool), "ingest": "process"}}],
-        environ={},
-    )
+def _settings(spool: Path, **receiver: Any) -> Any:
+    section = {"port": 0, "spool_dir": str(spool), "ingest": "process", **receiver}
+    return load_settings(overrides=[{"receiver": section}], environ={})
 
 
 @contextlib.contextmanager
@@ -267,8 +265,9 @@ def test_ingest_process_that_keeps_dying_is_reported_down(tmp_path: Path) -> Non
 
 
 @contextlib.contextmanager
-def _child_here(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
-    """The child's loop in this process: (child, socket to it, socket from it)."""
+def _child_here(tmp_path: Path, **receiver: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """The child's loop in this process: (child, socket to it, socket from it);
+    ``receiver``: settings of its own."""
     import zmq
 
     from boldstream.receiver.ingest_child import _Child
@@ -278,7 +277,7 @@ def _child_here(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
     sent = to_child.bind_to_random_port("tcp://127.0.0.1")
     back = from_child.bind_to_random_port("tcp://127.0.0.1")
     from_child.setsockopt(zmq.RCVTIMEO, 5000)
-    settings = _settings(tmp_path / "spool")
+    settings = _settings(tmp_path / "spool", **receiver)
     child = _Child(settings, f"tcp://127.0.0.1:{sent}", f"tcp://127.0.0.1:{back}", 0)
     try:
         yield child, to_child, from_child
@@ -425,3 +424,26 @@ def test_without_shared_memory_instances_go_through_the_socket(
         _deliver(ingest, spool, files[:N_SLICES])
         assert sorted(collected.wait(1)) == [0]
     assert any(e["event"].startswith("no shared memory for the ingest process") for e in logs)
+
+
+def test_child_assembles_on_arrival_when_told_and_logs_a_write_that_failed(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """``receiver.assemble = "on_arrival"``: a volume comes before any verdict,
+    and a verdict that the write failed is logged, not waited for."""
+    from boldstream.stream import codec
+
+    with _child_here(tmp_path, assemble="on_arrival") as (child, _, from_child):
+        spool = Spool(tmp_path / "spool")
+        for token, path in enumerate(files[:N_SLICES]):
+            child.take(_instance_frames(path, token, spool))
+        frames = from_child.recv_multipart(copy=False)
+        assert bytes(frames[0].buffer) == b"event"
+        assert codec.decode(frames[1:]).payload.index == 0
+        assert child.idle and not child.pending
+        with capture_logs() as logs:
+            for token in range(N_SLICES):
+                child.take([b"durable", str(token).encode(), b"0" if token == 3 else b"1"])
+        failed = [e for e in logs if "its spool write did not store it" in e["event"]]
+        assert len(failed) == 1
+        assert child.assembled_early == {}
