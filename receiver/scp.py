@@ -85,8 +85,9 @@ class Durability:
     """Whether a handed-over instance is new and safely in the spool.
 
     The handler resolves it once the durable write has returned (True) or
-    failed, or the spool already held the instance (False); the ingest thread
-    waits on it before the instance may become part of a volume.
+    failed, or the spool already held the instance (False); the ingest waits
+    for it before the instance may become part of a volume (unless
+    ``receiver.assemble`` is ``"on_arrival"``, when it only logs a False).
     """
 
     __slots__ = ("_done", "_lock", "_stored", "_then")
