@@ -349,6 +349,13 @@ def _association_request_problem(head: bytes) -> str | None:
     return None
 
 
+def _duplicate(stats: ReceiverStats, log: Any, sop_uid: str, series: str) -> int:
+    """Answer an instance the spool already holds: success, stored once."""
+    stats.add(duplicates=1)
+    log.info("duplicate instance ignored (already stored)", sop=sop_uid, series=series)
+    return STATUS_SUCCESS
+
+
 def handle_store(
     event: evt.Event,
     spool: Spool,
@@ -374,9 +381,7 @@ def handle_store(
         series = check_uid(header.series_uid, "SeriesInstanceUID")
         final = spool.path_for(study, series, sop_uid)
         if final.exists():  # resent after it was stored: not decoded again
-            stats.add(duplicates=1)
-            log.info("duplicate instance ignored (already stored)", sop=sop_uid, series=series)
-            return STATUS_SUCCESS
+            return _duplicate(stats, log, sop_uid, series)
         if not header.has_pixel_data and sop_class.startswith("1.2.840.10008.5.1.4.1.1.4"):
             raise DicomInputError("MR image without Pixel Data: truncated or not an image")
         problem = pixel_data_problem(header)
@@ -429,10 +434,8 @@ def handle_store(
         return STATUS_OUT_OF_RESOURCES
     finally:
         durable.resolve(stored is not None and not stored.duplicate)
-    if stored.duplicate:
-        stats.add(duplicates=1)
-        log.info("duplicate instance ignored (already stored)", sop=sop_uid, series=series)
-        return STATUS_SUCCESS
+    if stored.duplicate:  # another copy got there first
+        return _duplicate(stats, log, sop_uid, series)
     stats.add(accepted=1, bytes=len(encoded))
     return STATUS_SUCCESS
 
