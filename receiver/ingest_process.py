@@ -15,11 +15,12 @@ pickle):
   instance]`` when they do not fit there, sent by the handler while its
   durable write runs (the child decodes meanwhile), then ``[b"durable",
   token, b"1" | b"0"]`` once the write has ended: the child assembles the
-  instance only after a ``1``, so nothing the scanner was not told is safe
-  becomes part of a volume. An
-  instance that could not be sent early, or went to a child that has since
-  been replaced, is sent whole after its write instead. ``[b"sync"]``
-  answers a child's ``hello``; ``[b"stop"]`` follows the last instance.
+  instance only after a ``1`` (unless ``receiver.assemble`` is
+  ``"on_arrival"``), so nothing the scanner was not told is safe becomes
+  part of a volume. An instance that could not be sent early, or went to a
+  child that has since been replaced, is sent whole after its write
+  instead. ``[b"sync"]`` answers a child's ``hello``; ``[b"stop"]`` follows
+  the last instance.
 - child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready"]`` once it has
   listed the spooled instances it recovers (it assembles them before anything
   sent live), ``[b"event", *codec frames]`` per assembled volume or
