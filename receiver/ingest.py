@@ -4,9 +4,10 @@ Handler threads (one per association) only enqueue and spool; this single
 thread owns the :class:`~boldstream.receiver.assembly.Assembler`, so assembly
 needs no locks. It decides once per series whether the series is analysed,
 decodes pixel data (while the handler's durable write of the same instance
-is under way), waits until that write has succeeded, assembles volumes, times
-out volumes that will never complete, closes idle series in the spool, and
-hands every :class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
+is under way), waits until that write has succeeded (unless
+``receiver.assemble`` is ``"on_arrival"``), assembles volumes, times out
+volumes that will never complete, closes idle series in the spool, and hands
+every :class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
 
 On start, :meth:`Ingest.recover` re-reads every instance of every series the
 spool has not closed, so a crash between "success sent to the scanner" and

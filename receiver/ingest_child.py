@@ -48,7 +48,9 @@ class _Child:
     decoded as soon as it arrives (:meth:`Ingest.begin`, while the parent's
     durable write of it is under way) and parked under its token; its verdict
     completes it (:meth:`Ingest.finish`) as soon as that arrives. No hand-over
-    to a second thread sits between the verdict and the volume.
+    to a second thread sits between the verdict and the volume. With
+    ``receiver.assemble = "on_arrival"`` it is completed at once instead, and
+    its verdict is only checked.
     """
 
     def __init__(
