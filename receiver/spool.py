@@ -170,7 +170,7 @@ class Spool:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            self._give_up_nameless(final, "the filesystem has no nameless files", exc, "info")
+            self._give_up_nameless(final, "the filesystem has no nameless files", exc, logging.INFO)
             return None
         try:
             _write_all(fd, data)
@@ -188,16 +188,16 @@ class Spool:
                 # Whatever keeps the link from working here (a /proc that does
                 # not give it), the named way may not share it: a real I/O
                 # error fails there too and is reported from there.
-                self._give_up_nameless(final, "its link into place failed", exc, "warning")
+                self._give_up_nameless(final, "its link into place failed", exc, logging.WARNING)
                 return None
             return True
         finally:
             os.close(fd)
 
-    def _give_up_nameless(self, final: Path, why: str, exc: OSError, level: str) -> None:
+    def _give_up_nameless(self, final: Path, why: str, exc: OSError, level: int) -> None:
         self.nameless = False
         get_logger("receiver.spool").log(
-            logging.getLevelName(level.upper()),
+            level,
             f"spool: nameless file not usable ({why}); writing through .incoming",
             folder=str(final.parent),
             error=exc.strerror,
