@@ -138,13 +138,12 @@ class _Child:
                 encoded=encoded,
             )
         )
-        if not header["pending"]:
-            self.ingest.finish(begun, True)
-        elif self.ingest.on_arrival:
-            self.ingest.finish(begun, True)
-            self.assembled_early[int(header["token"])] = begun.item.path
-        else:
+        if header["pending"] and not self.ingest.on_arrival:
             self.pending[int(header["token"])] = _Parked(begun, time.monotonic())
+            return
+        self.ingest.finish(begun, True)
+        if header["pending"]:  # assembled on arrival: its verdict is only checked
+            self.assembled_early[int(header["token"])] = begun.item.path
 
     def recover_one(self, path: Path) -> None:
         item = self.ingest.read_recovered(path)
