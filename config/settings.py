@@ -65,6 +65,10 @@ class ReceiverSettings(_Section):
     max_pdu_size: int = Field(default=0, ge=0)
     #: fsync each instance and its directory before answering success.
     fsync: bool = True
+    #: Free space (MB) the spool's disk keeps: an instance that would leave
+    #: less is refused (0xA700) and the technician told, before the disk is so
+    #: full that logs and outputs fail too. 0: refuse only when the disk is full.
+    min_free_mb: float = Field(default=200.0, ge=0)
     #: Seconds a socket may stay silent before the association is aborted.
     network_timeout_s: float = Field(default=60.0, gt=0)
     #: Set TCP_NODELAY and re-arm TCP_QUICKACK on accepted sockets

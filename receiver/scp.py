@@ -10,7 +10,9 @@ anything the scanner was not told is safe: the ingest thread
 fsync waits on the disk, not on Python) and assembles the instance only once
 its token says it is in the spool; the ingest process (the default) is sent
 the instance while the write runs and the token's verdict after it, and
-assembles the instance only after a positive verdict.
+assembles the instance only after a positive verdict (unless
+``receiver.assemble`` is ``"on_arrival"``). A write the spool refuses is also told to the technician
+(:class:`~boldstream.receiver.refusals.RefusalReport`).
 
 Status codes returned (PS3.4 Annex B.2.3):
 
@@ -61,6 +63,7 @@ from boldstream.receiver.association import PromptRequestHandler
 from boldstream.receiver.dimse import arrived
 from boldstream.receiver.header import header_from_dataset, pixel_data_problem, scan_header
 from boldstream.receiver.part10 import part10_bytes
+from boldstream.receiver.refusals import RefusalReport
 from boldstream.receiver.spool import Spool, SpoolFullError, check_uid
 
 __all__ = [
@@ -362,8 +365,13 @@ def handle_store(
     deliver: Callable[[Received], None],
     stats: ReceiverStats,
     log: Any,
+    refusals: RefusalReport | None = None,
 ) -> int:
-    """EVT_C_STORE: validate, write durably, enqueue, answer."""
+    """EVT_C_STORE: validate, write durably, enqueue, answer.
+
+    A write the spool refuses is answered 0xA700 and, through ``refusals``,
+    told to the technician.
+    """
     request = event.request
     # When its last fragment was read (the network thread's stamp), else now.
     received = arrived(request) or time.time()
@@ -425,12 +433,19 @@ def handle_store(
     except SpoolFullError as exc:
         stats.add(out_of_resources=1)
         log.error("instance refused: spool full", status="0xA700", reason=str(exc), sop=sop_uid)
+        if refusals is not None:
+            refusals.refused(str(exc))  # names the spool, not the instance
         return STATUS_OUT_OF_RESOURCES
     except ReceiverError as exc:
         stats.add(out_of_resources=1)
         log.error(
             "instance refused: spool write failed", status="0xA700", reason=str(exc), sop=sop_uid
         )
+        if refusals is not None:
+            # The exception names the file (its UIDs); the technician gets the cause.
+            cause = exc.__cause__
+            why = cause.strerror if isinstance(cause, OSError) else None
+            refusals.refused(f"cannot write to the spool ({why or 'the log has why'})")
         return STATUS_OUT_OF_RESOURCES
     finally:
         durable.resolve(stored is not None and not stored.duplicate)
@@ -511,18 +526,27 @@ def make_tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
 
 
 class StorageSCP:
-    """A running Storage SCP (C-STORE for every storage class, C-ECHO)."""
+    """A running Storage SCP (C-STORE for every storage class, C-ECHO).
+
+    ``deliver`` gets every instance worth decoding as its write starts;
+    ``on_refused`` gets a sentence for the technician when the spool refuses
+    instances (see :class:`RefusalReport`).
+    """
 
     def __init__(
         self,
         settings: ReceiverSettings,
         spool: Spool,
         deliver: Callable[[Received], None],
+        *,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.stats = ReceiverStats()
         self._deliver = deliver
+        #: Instances the spool refused, told to ``on_refused`` (throttled).
+        self.refusals = RefusalReport(on_refused, assemble=settings.assemble)
         self._log = get_logger("scp", ae_title=settings.ae_title)
         self._server: Any = None
 
@@ -546,7 +570,11 @@ class StorageSCP:
         """Bind and serve in background threads; returns once listening."""
         ae = self._make_ae()
         handlers = [
-            (evt.EVT_C_STORE, handle_store, [self.spool, self._deliver, self.stats, self._log]),
+            (
+                evt.EVT_C_STORE,
+                handle_store,
+                [self.spool, self._deliver, self.stats, self._log, self.refusals],
+            ),
             (evt.EVT_C_ECHO, handle_echo, [self._log]),
             (
                 evt.EVT_ACCEPTED,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from boldstream.config.settings import Settings
+from boldstream.logs import get_logger
 from boldstream.receiver.ingest import Emitted, Ingest
 from boldstream.receiver.ingest_process import IngestProcess
 from boldstream.receiver.scp import StorageSCP
@@ -21,7 +22,11 @@ __all__ = ["Receiver"]
 
 
 class Receiver:
-    """Owns the receiver's threads; ``emit`` gets every assembled volume or gap."""
+    """Owns the receiver's threads; ``emit`` gets every assembled volume or gap.
+
+    ``on_ingest_down`` and ``on_refused`` get sentences for the technician:
+    the ingest process gave up, the spool refuses instances.
+    """
 
     def __init__(
         self,
@@ -29,17 +34,33 @@ class Receiver:
         emit: Callable[[Emitted], None],
         *,
         on_ingest_down: Callable[[str], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.spool = Spool(settings.receiver.spool_dir, fsync=settings.receiver.fsync)
+        self.spool = Spool(
+            settings.receiver.spool_dir,
+            fsync=settings.receiver.fsync,
+            min_free_mb=settings.receiver.min_free_mb,
+        )
         self.ingest: Ingest | IngestProcess
         if settings.receiver.ingest == "process":
             self.ingest = IngestProcess(settings, self.spool, emit, on_down=on_ingest_down)
         else:
             self.ingest = Ingest(settings, self.spool, emit)
-        self.scp = StorageSCP(settings.receiver, self.spool, self.ingest.submit)
+        self.scp = StorageSCP(
+            settings.receiver, self.spool, self.ingest.submit, on_refused=on_refused
+        )
 
     def start(self) -> None:
+        spool = self.spool
+        if spool.min_free_bytes and spool.free_bytes() < spool.min_free_bytes:
+            get_logger("receiver").error(
+                "spool below its free-space floor: every instance will be refused (0xA700) "
+                "until there is room",
+                spool=str(spool.root),
+                free_mb=round(spool.free_bytes() / 2**20, 1),
+                min_free_mb=self.settings.receiver.min_free_mb,
+            )
         try:
             self.ingest.recover()
             self.ingest.start()

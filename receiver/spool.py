@@ -113,6 +113,11 @@ class Spool:
             with contextlib.suppress(OSError):
                 stale.unlink()
 
+    def free_bytes(self) -> int:
+        """Bytes free for us on the spool's filesystem."""
+        st = os.statvfs(self._incoming)
+        return st.f_bavail * st.f_frsize
+
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
@@ -126,10 +131,8 @@ class Spool:
         final = self.path_for(study_uid, series_uid, sop_uid)
         if final.exists():
             return StoredInstance(final, duplicate=True)
-        if self.min_free_bytes:
-            st = os.statvfs(self._incoming)
-            if st.f_bavail * st.f_frsize - len(data) < self.min_free_bytes:
-                raise SpoolFullError(f"spool {self.root} is below its free-space floor")
+        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+            raise SpoolFullError(f"spool {self.root} is below its free-space floor")
         try:
             self._make_folders(final.parent)
             linked = self._store_nameless(final, data) if self.nameless else None

@@ -192,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     pipeline = Pipeline(settings, context=context)
-    receiver = Receiver(settings, pipeline.submit)
+    receiver = Receiver(
+        settings,
+        pipeline.submit,
+        on_ingest_down=lambda text: pipeline.warn(text, "ingest-down"),
+        on_refused=lambda text: pipeline.warn(text, "spool-refused"),
+    )
     dashboard: Dashboard | None = None
     printer: _Printer | None = None
     try:

@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         settings,
         _emit_to(pipeline, log, fed),
         on_ingest_down=lambda text: pipeline.warn(text, "ingest-down"),
+        on_refused=lambda text: pipeline.warn(text, "spool-refused"),
     )
     receiver.start()
     dashboard: Dashboard | None = None

@@ -171,3 +171,36 @@ def test_an_sbref_sent_before_the_run_is_its_motion_reference(
     assert chosen["reference"] == "SBRef (series 6)"
     (kept,) = [e for e in server.logs if e.get("description") == "rsfMRI_sim_SBRef"]
     assert kept["event"] == "new series: a motion reference (SBRef), not analysed"
+
+
+def test_a_refused_instance_is_told_to_subscribers_as_a_warning(
+    tmp_path: Path, heudiconv_data: Path, ctx: zmq.Context[Any]
+) -> None:
+    """A spool below its free-space floor refuses (0xA700); the technician sees why."""
+    server = _Serve(tmp_path / "spool", "--set", "receiver.min_free_mb=1e12")
+    try:
+        sub = Subscriber(ctx, server.pub, topics=[topics.WARNING], rcvhwm=0)
+        deadline = time.monotonic() + 10
+        while request_snapshot(server.snapshot, context=ctx)["subscriptions"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        file = sorted((heudiconv_data / "b0dwiForFmap").glob("*.dcm"))[0]
+        out = subprocess.run(
+            [require_tool("storescu"), "-v", "-aet", "SCANNER", "-aec", "BOLDSTREAM",
+             "127.0.0.1", str(server.port), str(file)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "Refused: OutOfResources" in out.stdout + out.stderr, out.stderr
+        warning = sub.recv(timeout_ms=20_000)
+        sub.close()
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert warning is not None and warning.topic == topics.WARNING
+    values = warning.payload.values  # type: ignore[union-attr]
+    assert values["code"] == "spool-refused"
+    assert "below its free-space floor" in values["message"]
+    assert not list((tmp_path / "spool").glob("*/*/*.dcm"))
+    events = [e.get("event", "") for e in server.logs]
+    assert any(e.startswith("spool below its free-space floor") for e in events), events
+    assert "instance refused: spool full" in events

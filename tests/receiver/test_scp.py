@@ -30,8 +30,12 @@ class Harness:
         )
         #: Everything the handler handed over, stored or not (see ``received``).
         self.handed: list[Received] = []
-        self.spool = Spool(settings.receiver.spool_dir)
-        self.scp = StorageSCP(settings.receiver, self.spool, self.handed.append)
+        #: Sentences for the technician about refused instances.
+        self.told: list[str] = []
+        self.spool = Spool(settings.receiver.spool_dir, min_free_mb=settings.receiver.min_free_mb)
+        self.scp = StorageSCP(
+            settings.receiver, self.spool, self.handed.append, on_refused=self.told.append
+        )
         self.scp.start()
 
     @property
@@ -201,6 +205,36 @@ def test_unwritable_spool_answers_out_of_resources(scp: Harness, pydicom_data: P
     # Handed over for decoding while the write was tried, then marked not stored.
     assert [r.durable.wait(0) for r in scp.handed] == [False]
     assert scp.scp.stats.snapshot()["out_of_resources"] == 1
+    # The technician is told why, without the instance's UIDs (they name the file).
+    assert len(scp.told) == 1
+    assert scp.told[0].startswith("the spool refused an instance: cannot write to the spool (")
+    assert ds.StudyInstanceUID not in scp.told[0]
+
+
+@pytest.mark.parametrize(
+    ("assemble", "consequence"),
+    [
+        ("after_write", "it is not in the live analysis"),
+        ("on_arrival", "it is already in the live analysis, but not stored"),
+    ],
+)
+def test_spool_below_its_floor_refuses_every_instance_and_tells_once(
+    tmp_path: Path, pydicom_data: Path, assemble: str, consequence: str
+) -> None:
+    h = Harness(tmp_path, min_free_mb=1e12, assemble=assemble)
+    try:
+        # storescu ends its association at a refusal: three sends, as a console retrying.
+        for name in ("MR_small.dcm", "CT_small.dcm", "MR_small.dcm"):
+            out = h.storescu(pydicom_data / name, extra=("-v",))
+            assert "Refused: OutOfResources" in out.stdout + out.stderr, out.stderr
+        assert h.received == []
+        assert h.scp.stats.snapshot()["out_of_resources"] == 3
+        assert h.scp.refusals.total == 3
+        assert len(h.told) == 1  # not once per instance
+        assert "is below its free-space floor" in h.told[0]
+        assert consequence in h.told[0]
+    finally:
+        h.scp.stop()
 
 
 def test_received_is_when_the_last_fragment_was_read_not_when_the_handler_ran(
