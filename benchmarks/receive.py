@@ -21,9 +21,10 @@ Receivers alternate within each round of ``--repeats``, and the table gives
 medians. It reports instances/s, MB/s, the ratio to storescp, and boldstream's
 assembly latency per volume (last instance of the volume received -> volume
 ready), paced as a scanner sends with the ingest in its process and in a
-thread, and for mosaics also with ``receiver.assemble = "on_arrival"`` (no
-wait for the durable write's verdict). A second table sends the per-slice
-series over 4 associations at once.
+thread (instances join their volumes on arrival, the default), and for
+mosaics also with ``receiver.assemble = "after_write"`` (each instance waits
+for its durable write's verdict). A second table sends the per-slice series
+over 4 associations at once.
 
 Two measurements on the very same files, with no network, bound what any
 receiver can do here:
@@ -148,8 +149,9 @@ def _boldstream(
     quickack: bool,
     ingest: str = "process",
     fsync: bool = True,
-    assemble: str = "after_write",
+    assemble: str | None = None,
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
+    """A live Receiver with these settings (``assemble``: None keeps the default)."""
     spool = Path(tempfile.mkdtemp(dir=root))
     settings = load_settings(
         overrides=[
@@ -160,7 +162,7 @@ def _boldstream(
                     "tcp_quickack": quickack,
                     "ingest": ingest,
                     "fsync": fsync,
-                    "assemble": assemble,
+                    **({} if assemble is None else {"assemble": assemble}),
                 },
                 "logging": {"level": "error"},  # the ingest process logs by this
                 "selector": {"exclude_image_types": []},
@@ -451,14 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Paced like a scanner (20x real time at TR 2 s: a volume every 100 ms), sent by
         # `boldstream simulate` in its own process, as opposed to the flood above, where
         # volumes also queue behind each other.
-        paced = [
-            (encoding, mode, "after_write", f"{label}, paced at 20x real time{suffix}")
+        paced: list[tuple[str, str, str | None, str]] = [
+            (encoding, mode, None, f"{label}, paced at 20x real time{suffix}")
             for encoding, label in (("mosaic", "mosaic 64x64x36"), ("slice", "per-slice 64x64x36"))
             for mode, suffix in (("process", ""), ("thread", ", ingest in a thread"))
         ]
-        # receiver.assemble = "on_arrival": no wait for the durable write's verdict.
-        early = "mosaic 64x64x36, paced at 20x real time, assembled on arrival"
-        paced.insert(2, ("mosaic", "process", "on_arrival", early))
+        # receiver.assemble = "after_write": each instance waits for its write's verdict.
+        waits = "mosaic 64x64x36, paced at 20x real time, assembled after its write"
+        paced.insert(2, ("mosaic", "process", "after_write", waits))
         for _ in range(args.repeats):  # alternating: process, thread, process, ...
             for encoding, mode, assemble, label in paced:
                 with _boldstream(root, quickack=True, ingest=mode, assemble=assemble) as (

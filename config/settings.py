@@ -82,13 +82,13 @@ class ReceiverSettings(_Section):
     #: the network and the durable write); or "thread", inside the receiver
     #: process (one process less; slower with a busy scanner).
     ingest: Literal["process", "thread"] = "process"
-    #: When an instance may become part of a volume: "after_write", once its
-    #: durable write has succeeded (no volume is ever built from an instance
-    #: the scanner was refused); or "on_arrival", as soon as it is decoded,
-    #: while its write runs (a mosaic's volume about 1.2 ms sooner here, see
-    #: docs/benchmarks.md; an instance whose write then fails is already in
-    #: its volume, and that is logged).
-    assemble: Literal["after_write", "on_arrival"] = "after_write"
+    #: When an instance may become part of a volume: "on_arrival", as soon as
+    #: it is decoded, while its durable write runs (a mosaic's volume about
+    #: 1.2 ms sooner here, see docs/benchmarks.md; an instance whose write then
+    #: fails is already in its volume: logged, and the technician is told); or
+    #: "after_write", once that write has succeeded (no volume is ever built
+    #: from an instance the scanner was refused).
+    assemble: Literal["after_write", "on_arrival"] = "on_arrival"
     #: DICOM over TLS: our certificate and its private key (PEM); both or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None

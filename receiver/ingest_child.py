@@ -46,11 +46,11 @@ class _Child:
 
     Everything runs on the child's main thread: an instance is read and
     decoded as soon as it arrives (:meth:`Ingest.begin`, while the parent's
-    durable write of it is under way) and parked under its token; its verdict
-    completes it (:meth:`Ingest.finish`) as soon as that arrives. No hand-over
-    to a second thread sits between the verdict and the volume. With
-    ``receiver.assemble = "on_arrival"`` it is completed at once instead, and
-    its verdict is only checked.
+    durable write of it is under way). By default (``receiver.assemble =
+    "on_arrival"``) it is completed (:meth:`Ingest.finish`) at once, and its
+    verdict is only checked. With ``"after_write"`` it is parked under its
+    token and its verdict completes it as soon as that arrives; no hand-over
+    to a second thread sits between the verdict and the volume.
     """
 
     def __init__(

@@ -14,9 +14,10 @@ pickle):
   its place in the header), or ``[b"instance", header JSON, encoded
   instance]`` when they do not fit there, sent by the handler while its
   durable write runs (the child decodes meanwhile), then ``[b"durable",
-  token, b"1" | b"0"]`` once the write has ended: the child assembles the
-  instance only after a ``1`` (unless ``receiver.assemble`` is
-  ``"on_arrival"``), so nothing the scanner was not told is safe becomes
+  token, b"1" | b"0"]`` once the write has ended: by default
+  (``receiver.assemble = "on_arrival"``) the child has assembled it already
+  and only logs a ``0``; with ``"after_write"`` it assembles the instance
+  only after a ``1``, so nothing the scanner was not told is safe becomes
   part of a volume. An instance that could not be sent early, or went to a
   child that has since been replaced, is sent whole after its write
   instead. ``[b"sync"]`` answers a child's ``hello``; ``[b"stop"]`` follows

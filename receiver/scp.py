@@ -4,14 +4,15 @@ Handlers are plain functions bound with their collaborators (pynetdicom's
 ``apps/storescp`` shape). A C-STORE handler does no analysis: it checks that
 the instance can be understood, hands it to the ingest with an unresolved
 :class:`Durability`, writes it to the spool (fsync'd), and resolves the
-token; only then does the scanner get 0x0000. No volume is ever made of
-anything the scanner was not told is safe: the ingest thread
-(``receiver.ingest = "thread"``) decodes while the write is under way (the
-fsync waits on the disk, not on Python) and assembles the instance only once
-its token says it is in the spool; the ingest process (the default) is sent
-the instance while the write runs and the token's verdict after it, and
-assembles the instance only after a positive verdict (unless
-``receiver.assemble`` is ``"on_arrival"``). A write the spool refuses is also told to the technician
+token; only then does the scanner get 0x0000. The ingest decodes while the
+write is under way (the fsync waits on the disk, not on Python): the ingest
+thread (``receiver.ingest = "thread"``) through the token itself, the ingest
+process (the default) sent the instance while the write runs and the token's
+verdict after it. By default (``receiver.assemble = "on_arrival"``) the
+instance joins its volume as soon as it is decoded, and a negative verdict
+is only logged; with ``"after_write"`` it joins only after a positive
+verdict, so no volume is made of anything the scanner was not told is safe.
+A write the spool refuses is also told to the technician
 (:class:`~boldstream.receiver.refusals.RefusalReport`).
 
 Status codes returned (PS3.4 Annex B.2.3):
@@ -88,9 +89,10 @@ class Durability:
     """Whether a handed-over instance is new and safely in the spool.
 
     The handler resolves it once the durable write has returned (True) or
-    failed, or the spool already held the instance (False); the ingest waits
-    for it before the instance may become part of a volume (unless
-    ``receiver.assemble`` is ``"on_arrival"``, when it only logs a False).
+    failed, or the spool already held the instance (False). With
+    ``receiver.assemble = "after_write"`` the ingest waits for it before the
+    instance may become part of a volume; by default (``"on_arrival"``) it
+    only logs a False.
     """
 
     __slots__ = ("_done", "_lock", "_stored", "_then")

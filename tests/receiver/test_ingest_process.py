@@ -70,9 +70,11 @@ def _settings(spool: Path, **receiver: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _running(tmp_path: Path, **options: Any) -> Iterator[tuple[IngestProcess, Collected, Spool]]:
+def _running(
+    tmp_path: Path, *, assemble: str = "on_arrival", **options: Any
+) -> Iterator[tuple[IngestProcess, Collected, Spool]]:
     """A started IngestProcess on a spool under ``tmp_path``; stopped afterwards."""
-    settings = _settings(tmp_path / "spool")
+    settings = _settings(tmp_path / "spool", assemble=assemble)
     collected = Collected()
     spool = Spool(settings.receiver.spool_dir)
     ingest = IngestProcess(settings, spool, collected, **options)
@@ -132,7 +134,7 @@ def test_killed_ingest_process_is_restarted_and_every_volume_comes(
 def test_instance_refused_by_the_spool_never_reaches_the_child(
     tmp_path: Path, files: list[Path]
 ) -> None:
-    with _running(tmp_path) as (ingest, collected, spool):
+    with _running(tmp_path, assemble="after_write") as (ingest, collected, spool):
         for k, path in enumerate(files[:N_SLICES]):
             item, _ = _received(path, Durability(), spool)
             ingest.submit(item)
@@ -208,8 +210,9 @@ def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
 
 
 def test_decoding_starts_before_the_write_has_ended(tmp_path: Path, files: list[Path]) -> None:
-    """The child is sent an instance before its verdict and holds it until then."""
-    with _running(tmp_path) as (ingest, collected, spool):
+    """The child is sent an instance before its verdict and holds it until then
+    (``receiver.assemble = "after_write"``)."""
+    with _running(tmp_path, assemble="after_write") as (ingest, collected, spool):
         tokens = []
         for path in files[:N_SLICES]:
             item, _ = _received(path, Durability(), spool)
@@ -299,10 +302,11 @@ def test_child_parks_each_instance_until_its_verdict_and_logs_a_slow_one(
     tmp_path: Path, files: list[Path]
 ) -> None:
     """One thread: an instance is decoded when it arrives and assembled when its
-    verdict does; a verdict that is late is logged, a refused one never assembled."""
+    verdict does (``receiver.assemble = "after_write"``); a verdict that is late is
+    logged, a refused one never assembled."""
     from boldstream.stream import codec
 
-    with _child_here(tmp_path) as (child, _, from_child):
+    with _child_here(tmp_path, assemble="after_write") as (child, _, from_child):
         spool = Spool(tmp_path / "spool")
         child.slow_write_s = 0.05
         for token, path in enumerate(files[: 2 * N_SLICES]):
