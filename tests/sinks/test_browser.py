@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
+from boldstream.sinks import topics
 from boldstream.sinks.dashboard import Dashboard
 
 CHROMIUM = "/usr/bin/chromium"
@@ -107,6 +108,16 @@ def test_live_page_follows_a_scan(
     assert page.inner_text("#missing") == "2"
     assert page.inner_text("#missing-sub") == "1 late · #7, #9"
     assert "sess-7f3a" in page.inner_text("#series-title")
+    # A warning that belongs to no series (the receiver's spool refusing
+    # instances) shows in the list of the series on screen, newest first.
+    refused = (
+        "the spool refused an instance: spool /data/spool is below its free-space floor. "
+        "The scanner was told the store failed (0xA700) and may resend; it is already in "
+        "the live analysis, but not stored on this computer; resend it from the console "
+        "once the spool is fixed."
+    )
+    publisher.send(topics.warning_result(None, None, refused, code="spool-refused"))
+    expect(page.locator("#warnings li").first).to_contain_text("spool-refused " + refused)
 
     publisher.scan(25, start=20)
     until(
