@@ -3,9 +3,10 @@
 Handler threads (one per association) only enqueue and spool; this single
 thread owns the :class:`~boldstream.receiver.assembly.Assembler`, so assembly
 needs no locks. It decides once per series whether the series is analysed,
-decodes pixel data (while the handler's durable write of the same instance
-is under way), assembles it at once (``receiver.assemble = "on_arrival"``,
-the default) or once that write has succeeded (``"after_write"``), times out
+decodes each instance's pixel data (while the handler's durable write of the
+same instance is under way), adds the instance to its volume at once
+(``receiver.assemble = "on_arrival"``, the default) or once that write has
+succeeded (``"after_write"``), times out
 volumes that will never complete, closes idle series in the spool, and hands
 every :class:`Volume` / :class:`VolumeIncomplete` to ``emit``.
 

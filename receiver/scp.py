@@ -5,10 +5,10 @@ Handlers are plain functions bound with their collaborators (pynetdicom's
 the instance can be understood, hands it to the ingest with an unresolved
 :class:`Durability`, writes it to the spool (fsync'd), and resolves the
 token; only then does the scanner get 0x0000. The ingest decodes while the
-write is under way (the fsync waits on the disk, not on Python): the ingest
-thread (``receiver.ingest = "thread"``) through the token itself, the ingest
-process (the default) sent the instance while the write runs and the token's
-verdict after it. By default (``receiver.assemble = "on_arrival"``) the
+write is under way (the fsync waits on the disk, not on Python) and learns
+the write's outcome from the token: the ingest thread (``receiver.ingest =
+"thread"``) directly, the ingest process (the default) as a verdict message
+sent after the instance. By default (``receiver.assemble = "on_arrival"``) the
 instance joins its volume as soon as it is decoded, and a negative verdict
 is only logged; with ``"after_write"`` it joins only after a positive
 verdict, so no volume is made of anything the scanner was not told is safe.
