@@ -38,7 +38,7 @@ from pathlib import Path
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
 
-__all__ = ["Spool", "SpoolFullError", "StoredInstance", "check_uid"]
+__all__ = ["Spool", "SpoolFullError", "StoredInstance", "check_uid", "free_bytes"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CLOSED = ".closed"
@@ -82,6 +82,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class Spool:
     """Durable, de-duplicating instance store (thread-safe: the only shared
     state is the set of series folders already made, under its lock)."""
@@ -115,8 +121,7 @@ class Spool:
 
     def free_bytes(self) -> int:
         """Bytes free for us on the spool's filesystem."""
-        st = os.statvfs(self._incoming)
-        return st.f_bavail * st.f_frsize
+        return free_bytes(self._incoming)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"

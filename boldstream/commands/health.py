@@ -10,8 +10,12 @@ Two checks, against the addresses the settings give (``receiver.bind`` and
   connection is checked.
 - Dashboard, when ``dashboard.enabled``: ``GET /healthz`` answers 200 (it
   needs no token).
+- Spool, when ``receiver.spool_dir`` exists where the check runs (beside the
+  service, as the Docker HEALTHCHECK does): its disk has at least
+  ``receiver.min_free_mb`` free. Below that the listener answers but
+  refuses every instance (0xA700), which a monitor should hear about.
 
-Exit 0 when both answer; 1 with one line per check that did not. It is the
+Exit 0 when all pass; 1 with one line per check that did not. It is the
 Docker image's HEALTHCHECK, and fits any monitor that runs a command.
 """
 
@@ -29,6 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from boldstream.commands.serve import add_settings_arguments, settings_from_args
 from boldstream.config import Settings
+from boldstream.receiver.spool import free_bytes
 
 __all__ = ["check", "register", "run"]
 
@@ -38,10 +43,12 @@ _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "health",
-        help="check that a running boldstream serve answers (DICOM and dashboard)",
+        help="check that a running boldstream serve answers (DICOM, dashboard, spool space)",
         description="Connect to the DICOM listener (association + C-ECHO) and, when the "
-        "dashboard is enabled, GET its /healthz, at the addresses the settings give. "
-        "Exit 0 when both answer, 1 otherwise with one line saying what did not.",
+        "dashboard is enabled, GET its /healthz, at the addresses the settings give; "
+        "when the spool folder is on this machine, check that its disk has "
+        "receiver.min_free_mb free (below that every instance is refused). "
+        "Exit 0 when all pass, 1 otherwise with one line per check that did not.",
     )
     add_settings_arguments(p)
     p.add_argument(
@@ -71,7 +78,26 @@ def check(settings: Settings, *, timeout: float = 5.0) -> list[str]:
         web = _check_dashboard(settings, timeout)
         if web is not None:
             problems.append(web)
+    space = _check_spool(settings)
+    if space is not None:
+        problems.append(space)
     return problems
+
+
+def _check_spool(settings: Settings) -> str | None:
+    r = settings.receiver
+    if not r.min_free_mb or not r.spool_dir.is_dir():
+        return None  # no floor, or checked from elsewhere: nothing to judge here
+    try:
+        free_mb = free_bytes(r.spool_dir) / 2**20
+    except OSError as exc:
+        return f"spool {r.spool_dir}: cannot read its free space ({exc.strerror or exc})"
+    if free_mb >= r.min_free_mb:
+        return None
+    return (
+        f"spool {r.spool_dir}: {free_mb:.0f} MB free, below receiver.min_free_mb "
+        f"({r.min_free_mb:g} MB): every instance is refused (0xA700)"
+    )
 
 
 def _address(host: str) -> str:

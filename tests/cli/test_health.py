@@ -76,3 +76,20 @@ def test_says_which_part_does_not_answer(
     assert err == [
         f"boldstream health: DICOM listener 127.0.0.1:{down}: no connection (Connection refused)"
     ]
+
+
+def test_a_spool_below_its_floor_is_unhealthy(
+    scp: StorageSCP, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The listener answers, but refuses every instance: a monitor must hear it."""
+    spool = ("--set", f"receiver.spool_dir={tmp_path}")
+    assert _health(scp.port, None, *spool, "--set", "receiver.min_free_mb=1") == 0
+    assert _health(scp.port, None, *spool, "--set", "receiver.min_free_mb=1e12") == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"boldstream health: spool {tmp_path}: ")
+    assert line.endswith(
+        "MB free, below receiver.min_free_mb (1e+12 MB): every instance is refused (0xA700)"
+    )
+    # Checked from a machine without the spool folder: nothing to judge.
+    away = ("--set", f"receiver.spool_dir={tmp_path / 'elsewhere'}")
+    assert _health(scp.port, None, *away, "--set", "receiver.min_free_mb=1e12") == 0
