@@ -53,12 +53,13 @@ class Receiver:
 
     def start(self) -> None:
         spool = self.spool
-        if spool.min_free_bytes and spool.free_bytes() < spool.min_free_bytes:
+        free = spool.free_bytes()
+        if free < spool.min_free_bytes:
             get_logger("receiver").error(
                 "spool below its free-space floor: every instance will be refused (0xA700) "
                 "until there is room",
                 spool=str(spool.root),
-                free_mb=round(spool.free_bytes() / 2**20, 1),
+                free_mb=round(free / 2**20, 1),
                 min_free_mb=self.settings.receiver.min_free_mb,
             )
         try:

@@ -1,6 +1,6 @@
 """``boldstream health``: does a running ``boldstream serve`` answer?
 
-Two checks, against the addresses the settings give (``receiver.bind`` and
+Three checks, the first two against the addresses the settings give (``receiver.bind`` and
 ``dashboard.host``; a wildcard bind is reached on 127.0.0.1):
 
 - DICOM: a TCP connection to ``receiver.port``, then an association with a
