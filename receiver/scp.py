@@ -632,6 +632,7 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
+        self.refusals.close()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
