@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -176,7 +177,10 @@ def test_what_it_does_not_read_exactly_goes_to_pydicom(builders: ModuleType) -> 
     escaped.SeriesDescription = "rest \x1b(B"
     assert read_lean(part10(escaped, ExplicitVRLittleEndian)) is None
     # A UID with a stray tab in front (hypothesis found it): pydicom's UID strips it.
-    sop_uid = b"\x08\x00\x18\x00UI@\x001.2"  # (0008,0018) SOPInstanceUID, explicit VR
+    # (0008,0018) SOPInstanceUID, explicit VR; its length varies with the generated UID.
+    value = str(ds.SOPInstanceUID).encode("ascii")
+    value += b"\x00" * (len(value) % 2)
+    sop_uid = b"\x08\x00\x18\x00UI" + struct.pack("<H", len(value)) + b"1.2"
     tabbed = part10(ds, ExplicitVRLittleEndian).replace(sop_uid, sop_uid[:-3] + b"\t.2", 1)
     assert tabbed != part10(ds, ExplicitVRLittleEndian)
     lean_tabbed = read_lean(tabbed)
