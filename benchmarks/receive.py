@@ -12,10 +12,14 @@ the files to:
 - with TCP_NODELAY=1 only: boldstream with ``receiver.fsync = false``
   (storescp's durability: written, not fsync'd, before the answer), which
   separates the cost of the fsync-before-success rule from the rest,
+- with TCP_NODELAY=1 only: boldstream with ``receiver.direct_store = false``
+  (every C-STORE through pynetdicom's state machine and association thread
+  instead of answered on its network thread from the PDU bytes),
 - with TCP_NODELAY=1 only: pynetdicom alone, through the same acceptor
-  (boldstream's prompt reactor, its C-STORE messages read and written
-  without pydicom, and its network-loop poll) with a C-STORE handler that
-  answers success and does nothing: the network layer's own ceiling.
+  (plain C-STOREs answered on the network thread, everything else through
+  boldstream's prompt reactor, and its network-loop poll) with a C-STORE
+  handler that answers success and does nothing: the network layer's own
+  ceiling.
 
 Receivers alternate within each round of ``--repeats``, and the table gives
 medians. It reports instances/s, MB/s, the ratio to storescp, and boldstream's
@@ -150,6 +154,7 @@ def _boldstream(
     ingest: str = "process",
     fsync: bool = True,
     assemble: str | None = None,
+    direct: bool = True,
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
     """A live Receiver with these settings (``assemble``: None keeps the default)."""
     spool = Path(tempfile.mkdtemp(dir=root))
@@ -162,6 +167,7 @@ def _boldstream(
                     "tcp_quickack": quickack,
                     "ingest": ingest,
                     "fsync": fsync,
+                    "direct_store": direct,
                     **({} if assemble is None else {"assemble": assemble}),
                 },
                 "logging": {"level": "error"},  # the ingest process logs by this
@@ -196,6 +202,7 @@ def _pynetdicom_alone() -> Iterator[int]:
         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_ACCEPTED, accepted)],
         request_handler=PromptRequestHandler,
     )
+    server.direct_store = True  # C-STOREs answered as boldstream's SCP answers them
     ae._servers.append(server)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -328,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if nodelay:  # without TCP_NODELAY it stalls like "quickack off"
                     receivers.insert(1, "boldstream, ingest in a thread")
                     receivers.insert(3, "boldstream, fsync off")
-                    receivers.insert(4, "pynetdicom alone (no-op handler)")
+                    receivers.insert(4, "boldstream, direct_store off")
+                    receivers.insert(5, "pynetdicom alone (no-op handler)")
                 # Alternating (each receiver once per round), so a machine that
                 # drifts during the run shifts every receiver alike.
                 for _ in range(args.repeats):
@@ -349,11 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             quick = receiver != "boldstream, quickack off"
                             mode = "thread" if receiver.endswith("in a thread") else "process"
                             fsync = receiver != "boldstream, fsync off"
-                            with _boldstream(root, quickack=quick, ingest=mode, fsync=fsync) as (
-                                port,
-                                vols,
-                                rec,
-                            ):
+                            direct = receiver != "boldstream, direct_store off"
+                            with _boldstream(
+                                root, quickack=quick, ingest=mode, fsync=fsync, direct=direct
+                            ) as (port, vols, rec):
                                 seconds = _send(port, subset, nodelay=nodelay)
                                 rec.ingest.wait_idle(60)
                                 if receiver == "boldstream":

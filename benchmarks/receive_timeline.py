@@ -3,8 +3,10 @@
 DCMTK's storescu (``TCP_NODELAY=1``, one association) floods boldstream's
 Storage SCP with simulator output. The receiver runs in this process with
 timestamps taken around pynetdicom's socket reads and writes, the C-STORE
-handler, the spool's durable write and the response's hand-over to the
-network thread. Each instance's round trip (from the previous response
+handler, the spool's durable write and the response: made and written on
+the network thread by default (``receiver.direct_store``), or with
+``--direct-store off`` built by pynetdicom's DIMSE provider and handed to
+the network thread. Each instance's round trip (from the previous response
 leaving the socket to this one leaving it) is split into consecutive parts;
 the table gives each part's median and 90th percentile in ms.
 
@@ -15,6 +17,7 @@ microseconds per call, so compare rows within one run, not the total with
 ``benchmarks/receive.py``.
 
     python benchmarks/receive_timeline.py [--encoding slice|mosaic] [--volumes 20]
+        [--direct-store on|off]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from _machine import machine_line, table
 from pynetdicom import transport
 
 from boldstream.logs import configure_logging
-from boldstream.receiver import dimse, scp, spool
+from boldstream.receiver import dimse, direct, scp, spool
 from boldstream.simulator.phantom import make_phantom_run
 from boldstream.simulator.send import SendOptions, write_run
 
@@ -61,7 +64,8 @@ def _instrument() -> None:
     _wrap(transport.AssociationSocket, "send", "send")
     _wrap(scp, "handle_store", "handler")  # looked up by name when the SCP starts
     _wrap(spool.Spool, "store", "store")
-    _wrap(dimse.LeanDIMSEServiceProvider, "send_msg", "respond")
+    _wrap(dimse.LeanDIMSEServiceProvider, "send_msg", "respond")  # pynetdicom's path
+    _wrap(direct, "encode_store_response", "respond")  # the network thread's
 
 
 #: (row label, from mark, to mark); consecutive, so the rows add up to the round trip.
@@ -72,8 +76,8 @@ _PARTS = [
     ("handler before the durable write", "handler>", "store>"),
     ("durable write (Spool.store)", "store>", "store<"),
     ("handler after the write", "store<", "handler<"),
-    ("handler -> response queued", "handler<", "respond<"),
-    ("response queued -> socket", "respond<", "send>"),
+    ("handler -> response made", "handler<", "respond<"),
+    ("response made -> socket", "respond<", "send>"),
     ("socket send", "send>", "send<"),
     ("round trip", "previous", "send<"),
 ]
@@ -107,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoding", choices=("slice", "mosaic"), default="slice")
     parser.add_argument("--volumes", type=int, default=20)
+    parser.add_argument("--direct-store", choices=("on", "off"), default="on")
     args = parser.parse_args(argv)
     configure_logging(level="error", json=True)
     shape = (90, 90, 60) if args.encoding == "slice" else (64, 64, 36)
@@ -114,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = make_phantom_run(n_volumes=args.volumes, tr_s=0.8, shape=shape, voxel_mm=2.4)
     files = write_run(run, root / args.encoding, SendOptions(encoding=args.encoding), truth=False)
     _instrument()
-    with receive._boldstream(root, quickack=True) as (port, _volumes, _receiver):
+    direct_store = args.direct_store == "on"
+    with receive._boldstream(root, quickack=True, direct=direct_store) as (port, _vols, _rec):
         receive._send(port, files[:5], nodelay=True)  # association set-up, imports, first write
         _EVENTS.clear()
         seconds = receive._send(port, files[5:], nodelay=True)
@@ -130,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{name}, storescu TCP_NODELAY=1, {len(files) - 5} instances, "
         f"{(len(files) - 5) / seconds:.0f} instances/s with the timestamps on; "
+        f"receiver.direct_store = {str(direct_store).lower()}; "
         f"{len(instances)} instances timed\n"
     )
     print(table(["part of the round trip", "p50 ms", "p90 ms"], rows))

@@ -77,6 +77,12 @@ class ReceiverSettings(_Section):
     #: How long pynetdicom's per-association network loop sleeps when idle (ms).
     #: Lower answers faster (more instances/s) at a little idle CPU per association.
     reactor_poll_ms: float = Field(default=0.2, gt=0, le=10)
+    #: Answer plain C-STOREs on pynetdicom's network thread, from the PDU bytes,
+    #: instead of through its state machine, DIMSE objects and association
+    #: thread (receiver/direct.py; 1.2-1.3x the instance rate, see
+    #: docs/benchmarks.md). Everything else still goes through pynetdicom; off
+    #: sends every message that way.
+    direct_store: bool = True
     #: Where decoding and volume assembly run: "process", a child process with an
     #: interpreter of its own, restarted if it dies (the receiver process keeps
     #: the network and the durable write); or "thread", inside the receiver

@@ -26,6 +26,11 @@ message sent or received, they read each command set through pydicom and
 format a description for that logger at INFO and DEBUG whether it prints
 them or not. With ``logging.level = "debug"`` they stay bound.
 
+With ``receiver.direct_store`` (the default) the association's network
+thread is a :class:`~boldstream.receiver.direct.DirectDUL`, which answers
+plain C-STOREs itself from the PDU bytes; everything else (C-ECHO, release,
+abort, any other message) still reaches the reactor below.
+
 Every receiver test runs through this handler; ``tests/receiver/
 test_association.py`` checks release, abort, idle timeout and the tracing
 handlers, ``tests/receiver/test_dimse.py`` the C-STORE messages.
@@ -48,6 +53,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler
 
 from boldstream.receiver.dimse import ArrivalQueue, LeanDIMSEServiceProvider
+from boldstream.receiver.direct import DirectDUL
 
 __all__ = ["PromptAssociation", "PromptRequestHandler"]
 
@@ -122,6 +128,8 @@ class PromptRequestHandler(RequestHandler):
         assoc.__class__ = PromptAssociation  # same object, set up by pynetdicom
         assoc.dimse.__class__ = LeanDIMSEServiceProvider
         assoc.dimse.msg_queue = ArrivalQueue()  # still empty: the association has not started
+        if getattr(self.server, "direct_store", False):
+            assoc.dul.__class__ = DirectDUL  # not started yet either
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             for event, handler in _TRACING:
                 assoc.unbind(event, handler)

@@ -45,13 +45,21 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from boldstream.logs import get_logger
 
-__all__ = ["ArrivalQueue", "LeanDIMSEServiceProvider", "arrived", "encode_store_response"]
+__all__ = [
+    "COMMAND_LAST_FRAGMENT",
+    "ArrivalQueue",
+    "LeanDIMSEServiceProvider",
+    "arrived",
+    "encode_store_response",
+    "read_store_request",
+    "stamp_arrival",
+]
 
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 #: Message Control Header of a PDV holding a whole command set (PS3.8 E.2).
-_COMMAND_LAST_FRAGMENT = b"\x03"
+COMMAND_LAST_FRAGMENT = b"\x03"
 
 
 #: The attribute :class:`ArrivalQueue` sets on a C-STORE request primitive.
@@ -65,14 +73,21 @@ class ArrivalQueue(queue.Queue[tuple[int, Any]]):
     been read, so the stamp is when the instance had fully arrived; the
     association thread may start its handler later (0.2 ms p50, 0.4 ms p90
     in ``benchmarks/receive_timeline.py``, more when it is busy). Both the
-    struct path below and pynetdicom's own put their messages here.
+    struct path below and pynetdicom's own put their messages here; a
+    C-STORE answered on the network thread (:mod:`~boldstream.receiver.direct`)
+    is stamped there with :func:`stamp_arrival` instead.
     """
 
     def put(self, item: tuple[int, Any], block: bool = True, timeout: float | None = None) -> None:
         primitive = item[1]
         if type(primitive) is C_STORE:
-            setattr(primitive, _ARRIVED, time.time())
+            stamp_arrival(primitive, time.time())
         super().put(item, block, timeout)
+
+
+def stamp_arrival(request: C_STORE, when: float) -> None:
+    """Record when a C-STORE request had fully arrived (``time.time()``)."""
+    setattr(request, _ARRIVED, when)
 
 
 def arrived(request: Any) -> float | None:
@@ -215,7 +230,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
         pdvs = primitive.presentation_data_value_list
         if (
             not pdvs
-            or pdvs[0][1][:1] != _COMMAND_LAST_FRAGMENT
+            or pdvs[0][1][:1] != COMMAND_LAST_FRAGMENT
             or _config.STORE_RECV_CHUNKED_DATASET
             or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
         ):
@@ -254,7 +269,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
             if limit == 0 or len(command) <= limit - 6:  # one PDV item, header included
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append(
-                    (context_id, _COMMAND_LAST_FRAGMENT + command)
+                    (context_id, COMMAND_LAST_FRAGMENT + command)
                 )
                 self.dul.send_pdu(pdata)
                 return

@@ -149,8 +149,8 @@ class Received:
     sop_class_uid: str
     sop_instance_uid: str
     #: time.time() when the C-STORE had fully arrived: pynetdicom's network
-    #: thread had read its last fragment (dimse.ArrivalQueue), not when the
-    #: handler started.
+    #: thread had read its last fragment (direct.DirectDUL, or
+    #: dimse.ArrivalQueue on pynetdicom's path), not when the handler started.
     received: float
     calling_aet: str = ""
     #: True when re-read from the spool after a restart.
@@ -231,6 +231,7 @@ class _TunedServer(ThreadedAssociationServer):
     """
 
     tcp_quickack: bool = True
+    direct_store: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     handshake_timeout_s: float = 30.0
     log: Any = None
@@ -603,6 +604,7 @@ class StorageSCP:
             ) from exc
         # Set before serve_forever starts, per server (not on the class).
         server.tcp_quickack = self.settings.tcp_quickack
+        server.direct_store = self.settings.direct_store
         server.allowed_networks = tuple(
             ipaddress.ip_network(a, strict=False) for a in self.settings.allowed_addresses
         )

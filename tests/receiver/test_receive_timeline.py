@@ -20,9 +20,10 @@ pytestmark = pytest.mark.timeout(180)
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "receive_timeline.py"
 
 
-def test_every_instance_is_timed_at_every_mark() -> None:
+@pytest.mark.parametrize("direct_store", ["on", "off"])
+def test_every_instance_is_timed_at_every_mark(direct_store: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--volumes", "2"],
+        [sys.executable, str(SCRIPT), "--volumes", "2", "--direct-store", direct_store],
         capture_output=True,
         text=True,
         timeout=150,
@@ -33,6 +34,7 @@ def test_every_instance_is_timed_at_every_mark() -> None:
     # Two 60-slice volumes, 5 sent first to warm up; the first response of the
     # flood only opens the first interval.
     assert int(sent.group(1)) == 115 and int(sent.group(2)) == 114, proc.stdout
+    assert f"direct_store = {'true' if direct_store == 'on' else 'false'}" in proc.stdout
     for part in ("reading the PDUs", "durable write (Spool.store)", "round trip"):
         row = re.search(rf"\| {re.escape(part)}\s*\| ([0-9.]+)\s*\| ([0-9.]+)", proc.stdout)
         assert row is not None and float(row.group(1)) > 0, (part, proc.stdout)

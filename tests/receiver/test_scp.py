@@ -251,7 +251,7 @@ def test_received_is_when_the_last_fragment_was_read_not_when_the_handler_ran(
         serve(self, msg, context_id)
 
     monkeypatch.setattr(PromptAssociation, "_serve_request", late)
-    h = Harness(tmp_path)
+    h = Harness(tmp_path, direct_store=False)  # the association thread's path
     try:
         out = h.storescu(pydicom_data / "MR_small.dcm")
     finally:
