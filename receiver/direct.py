@@ -282,6 +282,10 @@ class DirectDUL(DULServiceProvider):
         request.DataSet = BytesIO(b"".join(store.parts))
         stamp_arrival(request, time.time())
         assoc: Any = self.assoc
+        # The handler's time is not network idleness: the association thread,
+        # which watches this timer meanwhile, must not end the association
+        # under a slow durable write (pynetdicom's path is not watched then).
+        self._idle_timer.stop()
         try:
             status = evt.trigger(
                 assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple}
@@ -290,6 +294,8 @@ class DirectDUL(DULServiceProvider):
             _LOG.error("Exception in handler bound to 'evt.EVT_C_STORE'")
             _LOG.exception(exc)
             status = _HANDLER_FAILED
+        finally:
+            self._idle_timer.restart()
         if not assoc.is_established:  # the handler released or aborted
             return
         context_id = cast(int, context.context_id)

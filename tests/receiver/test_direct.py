@@ -80,6 +80,7 @@ class Server:
         self.spool = Spool(settings.receiver.spool_dir)
         self.scp = StorageSCP(settings.receiver, self.spool, self.deliver)
         self.fail_next = False
+        self.delay_s = 0.0
         self.scp.start()
 
     def storescu(self, *files: Path) -> subprocess.CompletedProcess[str]:
@@ -88,6 +89,7 @@ class Server:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
     def deliver(self, item: Received) -> None:
+        time.sleep(self.delay_s)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("the ingest is gone")
@@ -354,6 +356,27 @@ def test_a_failing_handler_answers_0xc211_and_the_association_goes_on(
         assoc.release()
     assert paths.direct == 2
     assert [r.sop_instance_uid for r in server.handed] == ["1.2.3.42"]
+
+
+def test_a_handler_slower_than_the_network_timeout_is_not_cut_off(
+    tmp_path: Path, pydicom_data: Path, paths: Paths
+) -> None:
+    """The association thread watches the idle timer while the handler runs here."""
+    s = Server(tmp_path, network_timeout_s=0.5)
+    try:
+        assoc = _associate(s.scp.port)
+        try:
+            s.delay_s = 1.5
+            assert assoc.send_c_store(_mr(pydicom_data, "1.2.3.45")).Status == 0x0000
+            s.delay_s = 0.0
+            assert assoc.is_established
+            assert assoc.send_c_store(_mr(pydicom_data, "1.2.3.46")).Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        s.scp.stop()
+    assert paths.direct == 2
+    assert [r.sop_instance_uid for r in s.handed] == ["1.2.3.45", "1.2.3.46"]
 
 
 def test_a_store_on_a_context_never_accepted_goes_to_pynetdicom(
