@@ -41,7 +41,6 @@ the peer (an abort, a release) or a stop ends that wait.
 
 from __future__ import annotations
 
-import logging
 import select
 import ssl
 import struct
@@ -57,6 +56,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from boldstream.logs import get_logger
 from boldstream.receiver.dimse import (
     COMMAND_LAST_FRAGMENT,
     encode_store_response,
@@ -66,7 +66,7 @@ from boldstream.receiver.dimse import (
 
 __all__ = ["DirectDUL"]
 
-_LOG = logging.getLogger("boldstream.receiver.direct")
+_LOG = get_logger("direct")
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
 _P_DATA_TF = 0x04
@@ -91,7 +91,7 @@ class _Store:
     def __init__(self, request: C_STORE, context: PresentationContext) -> None:
         self.request = request
         self.context = context
-        self.parts: list[bytes] = []
+        self.parts: list[memoryview] = []
 
 
 def _pdvs(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
@@ -150,7 +150,7 @@ class DirectDUL(DULServiceProvider):
         try:
             head = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            _LOG.error("Connection closed before the entire PDU was received: %s", exc)
+            _LOG.error("connection closed before a whole PDU was received", reason=str(exc))
             self.event_queue.put("Evt17")
             return False
         if len(head) != 6:
@@ -158,20 +158,20 @@ class DirectDUL(DULServiceProvider):
             return False
         pdu_type, _, length = _PDU_HEADER.unpack(head)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            _LOG.error("Unknown PDU type received '0x%02X'", pdu_type)
+            _LOG.error("unknown PDU type received", pdu_type=f"0x{pdu_type:02X}")
             self.event_queue.put("Evt19")
             return False
         try:
             body = sock.recv(length)
         except (OSError, TimeoutError) as exc:
-            _LOG.error("Connection closed before the entire PDU was received: %s", exc)
+            _LOG.error("connection closed before a whole PDU was received", reason=str(exc))
             self.event_queue.put("Evt17")
             return False
         if len(body) != length:
             _LOG.error(
-                "The received PDU is shorter than expected (%d of %d bytes received)",
-                6 + len(body),
-                6 + length,
+                "connection closed before a whole PDU was received",
+                received=6 + len(body),
+                expected=6 + length,
             )
             self.event_queue.put("Evt17")
             return False
@@ -183,9 +183,8 @@ class DirectDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(head + body)
             self.event_queue.put(event)
-        except Exception as exc:
-            _LOG.error("Unable to decode the received PDU data")
-            _LOG.exception(exc)
+        except Exception:
+            _LOG.exception("received PDU cannot be decoded; the association is aborted")
             self.event_queue.put("Evt19")
             return False
         self._recv_pdu.put(pdu)
@@ -212,13 +211,15 @@ class DirectDUL(DULServiceProvider):
                 return
             if control & 1 or context_id != store.context.context_id:
                 _LOG.error(
-                    "association aborted: %s inside a C-STORE data set",
-                    "a command fragment" if control & 1 else "a fragment of another context",
+                    "association aborted: a fragment that does not belong inside a "
+                    "C-STORE data set",
+                    fragment="command" if control & 1 else f"context {context_id}",
+                    calling_aet=cast(Any, self.assoc).requestor.ae_title,
                 )
                 self._store = None
                 self.event_queue.put("Evt19")
                 return
-            store.parts.append(bytes(fragment))
+            store.parts.append(fragment)  # a view of this PDU's own buffer
             if control & 2:
                 self._store = None
                 self._answer(store)
@@ -290,9 +291,12 @@ class DirectDUL(DULServiceProvider):
             status = evt.trigger(
                 assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple}
             )
-        except Exception as exc:
-            _LOG.error("Exception in handler bound to 'evt.EVT_C_STORE'")
-            _LOG.exception(exc)
+        except Exception:
+            _LOG.exception(
+                "C-STORE handler failed; answered 0xC211",
+                calling_aet=assoc.requestor.ae_title,
+                sop=request.AffectedSOPInstanceUID,
+            )
             status = _HANDLER_FAILED
         finally:
             self._idle_timer.restart()

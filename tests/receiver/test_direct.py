@@ -333,24 +333,26 @@ def test_a_foreign_fragment_inside_a_data_set_aborts(
     echo_cx = _context_id(assoc, Verification)
     items = _store_items(_mr(pydicom_data, "1.2.3.31"), cx, 31, max_pdu=1024)
     bad = (cx, b"\x03" + items[0][1][1:]) if intruder == "command" else (echo_cx, items[2][1])
-    with capture_logs():
+    with capture_logs() as logs:
         _send_pdu(assoc, items[:2])
         _send_pdu(assoc, [bad])
         _wait(lambda: assoc.is_aborted)
+    assert any(e["event"].startswith("association aborted: a fragment") for e in logs)
     assert server.handed == []
     assert (paths.direct, paths.pynetdicom) == (0, 0)
     assert not list(server.scp.spool.root.rglob("*.dcm"))
 
 
 def test_a_failing_handler_answers_0xc211_and_the_association_goes_on(
-    server: Server, pydicom_data: Path, paths: Paths, caplog: pytest.LogCaptureFixture
+    server: Server, pydicom_data: Path, paths: Paths
 ) -> None:
     assoc = _associate(server.scp.port)
     try:
         server.fail_next = True
-        with caplog.at_level(logging.ERROR, logger="boldstream.receiver.direct"):
+        with capture_logs() as logs:
             assert assoc.send_c_store(_mr(pydicom_data, "1.2.3.41")).Status == 0xC211
-        assert "Exception in handler bound to 'evt.EVT_C_STORE'" in caplog.text
+        (failed,) = [e for e in logs if e["event"].startswith("C-STORE handler failed")]
+        assert failed["log_level"] == "error" and failed["sop"] == "1.2.3.41"
         assert assoc.send_c_store(_mr(pydicom_data, "1.2.3.42")).Status == 0x0000
     finally:
         assoc.release()
