@@ -79,7 +79,7 @@ class ReceiverSettings(_Section):
     reactor_poll_ms: float = Field(default=0.2, gt=0, le=10)
     #: Answer plain C-STOREs on pynetdicom's network thread, from the PDU bytes,
     #: instead of through its state machine, DIMSE objects and association
-    #: thread (receiver/direct.py; 1.2-1.3x the instance rate, see
+    #: thread (receiver/direct.py; 1.1-1.3x the instance rate, see
     #: docs/benchmarks.md). Everything else still goes through pynetdicom; off
     #: sends every message that way.
     direct_store: bool = True
