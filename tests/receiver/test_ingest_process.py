@@ -195,8 +195,10 @@ def test_instance_whose_write_ends_after_a_child_restart_is_still_assembled(
 ) -> None:
     """Sent before its write to a child that then dies: the verdict goes to no one,
     and the new child may have scanned the spool before the write ended. The
-    whole instance must then go to the new child."""
-    with _running(tmp_path) as (ingest, collected, spool):
+    whole instance must then go to the new child. (With "on_arrival" the first
+    child may assemble it before it dies, which is also right; the verdict's
+    path is what this test is about.)"""
+    with _running(tmp_path, assemble="after_write") as (ingest, collected, spool):
         _deliver(ingest, spool, files[: N_SLICES - 1])
         last, ds = _received(files[N_SLICES - 1], Durability(), spool)
         ingest.submit(last)  # its write is "still under way"
