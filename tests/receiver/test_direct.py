@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peers import require_tool
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -35,7 +38,7 @@ from structlog.testing import capture_logs
 
 from boldstream.config import load_settings
 from boldstream.receiver.association import PromptAssociation
-from boldstream.receiver.direct import DirectDUL
+from boldstream.receiver.direct import DirectDUL, _pdvs
 from boldstream.receiver.scp import Received, StorageSCP
 from boldstream.receiver.spool import Spool
 
@@ -99,6 +102,13 @@ class Server:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     s = Server(tmp_path)
+    yield s
+    s.scp.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("fuzz"))
     yield s
     s.scp.stop()
 
@@ -182,10 +192,10 @@ def _responses(assoc: Any, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _wait(condition: Any, timeout: float = 5.0) -> None:
+def _wait(condition: Any, timeout: float = 5.0, what: str = "") -> None:
     start = time.monotonic()
     while not condition():
-        assert time.monotonic() - start < timeout
+        assert time.monotonic() - start < timeout, what
         time.sleep(0.005)
 
 
@@ -424,3 +434,68 @@ def test_release_and_abort_after_stores(server: Server, pydicom_data: Path, path
         _wait(lambda: not server.scp._server.active_associations)
         assert time.monotonic() - start < 1.0
     assert paths.direct == 2
+
+
+# ---- fuzzing ------------------------------------------------------------------
+
+
+@given(st.binary(max_size=64))
+def test_pdv_items_tile_the_body_or_are_refused(body: bytes) -> None:
+    items = _pdvs(body)
+    if items is None:
+        return
+    rebuilt = b"".join(
+        struct.pack(">LBB", len(fragment) + 2, context_id, control) + bytes(fragment)
+        for context_id, control, fragment in items
+    )
+    assert rebuilt == body
+
+
+_ITEM = st.tuples(
+    st.sampled_from([1, 3, 99]),  # accepted contexts (MR, Verification) and one never offered
+    st.sampled_from([0, 1, 2, 3, 0xFF]),  # control header: data/command x more/last, nonsense
+    st.one_of(st.binary(max_size=40), st.just(b"")),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pdus=st.lists(st.lists(_ITEM, min_size=1, max_size=4), min_size=1, max_size=3), data=st.data()
+)
+def test_garbage_p_data_never_breaks_the_receiver(
+    fuzz_server: Server, pydicom_data: Path, pdus: list[list[Any]], data: Any
+) -> None:
+    """Any P-DATA-TF PDUs: the association is answered, aborted or left waiting,
+    nothing is stored, and the next scanner is served as before."""
+    assoc = _associate(fuzz_server.scp.port)
+    try:
+        cx = _context_id(assoc, MRImageStorage)
+        if data.draw(st.booleans()):  # sometimes start with a real command, then garbage
+            (command,) = _store_items(_mr(pydicom_data, "1.2.3.90"), cx, 90)[:1]
+            pdus = [[(command[0], command[1][0], command[1][1:])], *pdus]
+        with _by_hand(assoc):
+            for items in pdus:
+                _send_pdu(assoc, [(c, bytes([ctl]) + payload) for c, ctl, payload in items])
+            time.sleep(0.02)
+    finally:
+        _gone(assoc)
+    _wait(lambda: not fuzz_server.scp._server.active_associations, what="garbage association")
+    assert fuzz_server.handed == []
+    good = _associate(fuzz_server.scp.port)
+    try:
+        assert good.send_c_store(_mr(pydicom_data, "1.2.3.91")).Status == 0x0000
+    finally:
+        _gone(good)
+    _wait(lambda: not fuzz_server.scp._server.active_associations, what="good association")
+    fuzz_server.handed.clear()
+    for path in fuzz_server.spool.root.rglob("*.dcm"):
+        path.unlink()  # so the next example's good instance is new again
+
+
+def _gone(assoc: Any) -> None:
+    """End a requestor whatever state it is in: abort, and close its socket."""
+    if assoc.is_established:
+        assoc.abort()
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if raw is not None and raw.fileno() != -1:
+        raw.close()
