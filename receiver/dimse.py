@@ -53,6 +53,7 @@ __all__ = [
     "encode_store_response",
     "read_store_request",
     "stamp_arrival",
+    "store_primitive",
 ]
 
 _C_STORE_RQ = 0x0001
@@ -188,6 +189,26 @@ def read_store_request(command: bytes) -> dict[int, Any] | None:
     return values
 
 
+def store_primitive(values: dict[int, Any], context_id: int) -> C_STORE | None:
+    """The C-STORE request primitive for :func:`read_store_request`'s values.
+
+    Filled through pynetdicom's own setters, which validate the UIDs as they
+    do on pynetdicom's path; None when they refuse a value (pynetdicom's path
+    then reads and reports the message). No file-backed data set: pynetdicom's
+    defaults for it stand.
+    """
+    store = C_STORE()
+    try:
+        store.MessageID = values[0x0110]
+        store.AffectedSOPClassUID = values[0x0002]
+        store.AffectedSOPInstanceUID = values[0x1000]
+        store.Priority = values[0x0700]
+    except (TypeError, ValueError):
+        return None
+    store._context_id = context_id
+    return store
+
+
 class LeanDIMSEServiceProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, with plain C-STORE requests and responses direct."""
 
@@ -236,17 +257,9 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
         ):
             return False
         values = read_store_request(pdvs[0][1][1:])
-        if values is None:
+        store = None if values is None else store_primitive(values, pdvs[0][0])
+        if store is None:
             return False
-        store = C_STORE()
-        try:
-            store.MessageID = values[0x0110]
-            store.AffectedSOPClassUID = values[0x0002]
-            store.AffectedSOPInstanceUID = values[0x1000]
-            store.Priority = values[0x0700]
-        except (TypeError, ValueError):  # pynetdicom's path reports these
-            return False
-        store._context_id = pdvs[0][0]  # no file-backed data set: pynetdicom's defaults stand
         self._store, self._store_data = store, BytesIO()
         return True
 

@@ -62,6 +62,7 @@ from boldstream.receiver.dimse import (
     encode_store_response,
     read_store_request,
     stamp_arrival,
+    store_primitive,
 )
 
 __all__ = ["DirectDUL"]
@@ -253,15 +254,9 @@ class DirectDUL(DULServiceProvider):
             )
         ):
             return False
-        request = C_STORE()
-        try:
-            request.MessageID = values[0x0110]
-            request.AffectedSOPClassUID = sop_class
-            request.AffectedSOPInstanceUID = values[0x1000]
-            request.Priority = values[0x0700]
-        except (TypeError, ValueError):  # pynetdicom's path reports these
+        request = store_primitive(values, context_id)
+        if request is None:
             return False
-        request._context_id = context_id
         self._store = _Store(request, context)
         return True
 
