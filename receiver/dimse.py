@@ -219,7 +219,7 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self._store is None:
             if self.message is not None or not self._start_store(primitive):
-                super().receive_primitive(primitive)
+                self._pynetdicom_receive(primitive)
                 return
             pdvs = primitive.presentation_data_value_list[1:]
         else:
@@ -245,6 +245,26 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
                 store.DataSet = data
                 self.msg_queue.put((cast(int, store._context_id), store))
                 return
+
+    def _pynetdicom_receive(self, primitive: P_DATA) -> None:
+        """pynetdicom's own collection and decoding, with a peer's garbage contained.
+
+        pynetdicom raises out of its network thread (ending it without an
+        A-ABORT to the peer) when a complete command set lacks an element it
+        reads, such as Command Field; its state machine calls this from that
+        thread with nothing around it. Such a message is logged and the
+        association aborted, as pynetdicom does for the errors it catches.
+        """
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:
+            self.message = None
+            _LOG.error(
+                "association aborted: a DIMSE message that cannot be decoded",
+                reason=f"{type(exc).__name__}: {exc}",
+                calling_aet=self.assoc.requestor.ae_title,
+            )
+            self.dul.event_queue.put("Evt19")
 
     def _start_store(self, primitive: P_DATA) -> bool:
         """Begin a C-STORE-RQ on the lean path if its command is all in the first PDV."""

@@ -353,6 +353,25 @@ def test_a_foreign_fragment_inside_a_data_set_aborts(
     assert not list(server.scp.spool.root.rglob("*.dcm"))
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_command_set_pynetdicom_cannot_read_aborts_the_association(
+    server: Server, paths: Paths
+) -> None:
+    """A whole command set without Command Field: pynetdicom's decoding raises on
+    its network thread; the receiver aborts the association instead of losing
+    that thread without a word to the peer."""
+    assoc = _associate(server.scp.port)
+    uid = b"1.2.840.10008.1.1\x00"
+    command = struct.pack("<HHI", 0, 0x0002, len(uid)) + uid  # Affected SOP Class UID only
+    with capture_logs() as logs:
+        with _by_hand(assoc):
+            _send_pdu(assoc, [(_context_id(assoc, Verification), b"\x03" + command)])
+        _wait(lambda: assoc.is_aborted, what="the receiver's A-ABORT")
+    assert any(e["event"].startswith("association aborted: a DIMSE message") for e in logs)
+    _wait(lambda: not server.scp._server.active_associations)
+    assert paths.direct == 0
+
+
 def test_a_failing_handler_answers_0xc211_and_the_association_goes_on(
     server: Server, pydicom_data: Path, paths: Paths
 ) -> None:
