@@ -194,22 +194,35 @@ class DirectDUL(DULServiceProvider):
     # -- the short way -----------------------------------------------------------
 
     def _take(self, items: list[tuple[int, int, memoryview]]) -> bool:
-        """Consume a P-DATA PDU's items on the short way; False leaves it to pynetdicom."""
+        """Consume a P-DATA PDU's items on the short way; False leaves it to pynetdicom.
+
+        A PDU may end one message and start others: each is started in turn
+        (a loop, so a PDU of many small messages cannot exhaust the stack);
+        a message the short way does not take gets the rest of the PDU.
+        """
         if self._store is None:
             if not self._start(items[0]):
                 return False
             items = items[1:]  # the command set, read by _start
-        self._collect(items)
+        rest = self._collect(items)
+        while rest:
+            if not self._start(rest[0]):
+                self._hand_over(rest)
+                break
+            rest = self._collect(rest[1:])
         return True
 
-    def _collect(self, items: list[tuple[int, int, memoryview]]) -> None:
-        """Add data-set fragments to the message on the short way; answer it at its end."""
+    def _collect(
+        self, items: list[tuple[int, int, memoryview]]
+    ) -> list[tuple[int, int, memoryview]]:
+        """Add data-set fragments to the message on the short way; answer it at its end.
+
+        Returns the items after the message's last fragment (empty when the
+        message goes on in the next PDU, or the association is aborted).
+        """
+        store = self._store
+        assert store is not None
         for n, (context_id, control, fragment) in enumerate(items):
-            store = self._store
-            if store is None:
-                # The message ended inside this PDU: the rest starts another one.
-                self._hand_over(items[n:])
-                return
             if control & 1 or context_id != store.context.context_id:
                 _LOG.error(
                     "association aborted: a fragment that does not belong inside a "
@@ -219,11 +232,13 @@ class DirectDUL(DULServiceProvider):
                 )
                 self._store = None
                 self.event_queue.put("Evt19")
-                return
+                return []
             store.parts.append(fragment)  # a view of this PDU's own buffer
             if control & 2:
                 self._store = None
                 self._answer(store)
+                return items[n + 1 :]
+        return []
 
     def _start(self, first: tuple[int, int, memoryview]) -> bool:
         """Begin a plain C-STORE on the short way from a PDU's first item."""
@@ -262,9 +277,6 @@ class DirectDUL(DULServiceProvider):
 
     def _hand_over(self, items: list[tuple[int, int, memoryview]]) -> None:
         """Give PDV items to pynetdicom's DIMSE provider, as its state machine does."""
-        if self._start(items[0]):
-            self._collect(items[1:])
-            return
         primitive: Any = P_DATA()
         primitive.presentation_data_value_list = [
             [context_id, bytes([control]) + bytes(fragment)]  # lists: pynetdicom checks

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import require_tool
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom import AE
@@ -289,6 +290,29 @@ def test_small_pdus_and_a_pdu_holding_the_end_of_one_message_and_the_next(
     ds = dcmread(server.handed[1].path)
     assert ds.SOPInstanceUID == "1.2.3.12"
     assert ds.PixelData == _mr(pydicom_data, "1.2.3.12").PixelData
+
+
+def test_a_pdu_of_many_small_messages_is_answered_message_by_message(
+    server: Server, paths: Paths
+) -> None:
+    """1,500 whole C-STOREs in one PDU (each refused: no Pixel Data) are walked
+    in a loop, not one call deeper per message."""
+    assoc = _associate(server.scp.port)
+    try:
+        cx = _context_id(assoc, MRImageStorage)
+        items: list[Any] = []
+        for n in range(1500):
+            ds = Dataset()
+            ds.SOPClassUID = MRImageStorage
+            ds.SOPInstanceUID = f"1.2.3.100.{n}"
+            items += _store_items(ds, cx, n % 65536)
+        with _by_hand(assoc):
+            _send_pdu(assoc, items)
+            answers = _responses(assoc, 1500)
+        assert answers == [(n, 0xC210) for n in range(1500)]
+    finally:
+        _gone(assoc)
+    assert paths.direct == 1500
 
 
 def test_an_echo_starting_inside_a_stores_last_pdu_goes_to_pynetdicom(
