@@ -15,6 +15,13 @@ the files to:
 - with TCP_NODELAY=1 only: boldstream with ``receiver.direct_store = false``
   (every C-STORE through pynetdicom's state machine and association thread
   instead of answered on its network thread from the PDU bytes),
+- with TCP_NODELAY=1 only: boldstream with a selector that analyses no
+  series (every instance spooled and handed to the ingest process, which
+  reads its header and assembles nothing: a T1 or a localizer in a session),
+- with TCP_NODELAY=1 only: boldstream's Storage SCP with no ingest behind it
+  (the same listener, spool and durable write; the instance is dropped where
+  it would be handed over): what storing alone costs, set beside storescp,
+  which stores without fsync and hands nothing on,
 - with TCP_NODELAY=1 only: pynetdicom alone, through the same acceptor
   (plain C-STOREs answered on the network thread, everything else through
   boldstream's prompt reactor, and its network-loop poll) with a C-STORE
@@ -71,12 +78,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line, table
 
-from boldstream.config import AssemblySettings, load_settings
+from boldstream.config import AssemblySettings, Settings, load_settings
 from boldstream.logs import configure_logging
 from boldstream.receiver.assembly import Assembler
 from boldstream.receiver.association import PromptRequestHandler
 from boldstream.receiver.decode import decode_instance
 from boldstream.receiver.lean import read_lean
+from boldstream.receiver.scp import StorageSCP
 from boldstream.receiver.service import Receiver
 from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume
@@ -155,10 +163,59 @@ def _boldstream(
     fsync: bool = True,
     assemble: str | None = None,
     direct: bool = True,
+    analyse: bool = True,
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
-    """A live Receiver with these settings (``assemble``: None keeps the default)."""
+    """A live Receiver with these settings (``assemble``: None keeps the default).
+
+    ``analyse=False``: the selector's include pattern matches no description,
+    so every series is spooled only.
+    """
     spool = Path(tempfile.mkdtemp(dir=root))
-    settings = load_settings(
+    settings = _settings(
+        spool,
+        quickack=quickack,
+        ingest=ingest,
+        fsync=fsync,
+        assemble=assemble,
+        direct=direct,
+        analyse=analyse,
+    )
+    volumes: list[Volume] = []
+    receiver = Receiver(settings, lambda e: volumes.append(e) if isinstance(e, Volume) else None)
+    receiver.start()
+    try:
+        yield receiver.port, volumes, receiver
+    finally:
+        receiver.stop()
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _scp_only(root: Path) -> Iterator[tuple[int, StorageSCP]]:
+    """boldstream's Storage SCP and spool, defaults, with nothing behind them."""
+    spool_dir = Path(tempfile.mkdtemp(dir=root))
+    settings = _settings(spool_dir, quickack=True)
+    spool = Spool(spool_dir, fsync=True, min_free_mb=settings.receiver.min_free_mb)
+    scp = StorageSCP(settings.receiver, spool, lambda _received: None)
+    scp.start()
+    try:
+        yield scp.port, scp
+    finally:
+        scp.stop()
+        shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def _settings(
+    spool: Path,
+    *,
+    quickack: bool,
+    ingest: str = "process",
+    fsync: bool = True,
+    assemble: str | None = None,
+    direct: bool = True,
+    analyse: bool = True,
+) -> Settings:
+    return load_settings(
         overrides=[
             {
                 "receiver": {
@@ -171,19 +228,14 @@ def _boldstream(
                     **({} if assemble is None else {"assemble": assemble}),
                 },
                 "logging": {"level": "error"},  # the ingest process logs by this
-                "selector": {"exclude_image_types": []},
+                "selector": {
+                    "exclude_image_types": [],
+                    **({} if analyse else {"include_description": "(?!)"}),  # matches nothing
+                },
             }
         ],
         environ={},
     )
-    volumes: list[Volume] = []
-    receiver = Receiver(settings, lambda e: volumes.append(e) if isinstance(e, Volume) else None)
-    receiver.start()
-    try:
-        yield receiver.port, volumes, receiver
-    finally:
-        receiver.stop()
-        shutil.rmtree(spool, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -336,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     receivers.insert(1, "boldstream, ingest in a thread")
                     receivers.insert(3, "boldstream, fsync off")
                     receivers.insert(4, "boldstream, direct_store off")
-                    receivers.insert(5, "pynetdicom alone (no-op handler)")
+                    receivers.insert(5, "boldstream, no series analysed")
+                    receivers.insert(6, "boldstream SCP, no ingest")
+                    receivers.insert(7, "pynetdicom alone (no-op handler)")
                 # Alternating (each receiver once per round), so a machine that
                 # drifts during the run shifts every receiver alike.
                 for _ in range(args.repeats):
@@ -353,16 +407,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         elif receiver.startswith("pynetdicom"):
                             with _pynetdicom_alone() as port:
                                 seconds = _send(port, subset, nodelay=nodelay)
+                        elif receiver == "boldstream SCP, no ingest":
+                            with _scp_only(root) as (port, scp):
+                                seconds = _send(port, subset, nodelay=nodelay)
+                                if scp.stats.accepted != len(subset):
+                                    raise SystemExit(f"{receiver}: {scp.stats.snapshot()}")
                         else:
                             quick = receiver != "boldstream, quickack off"
                             mode = "thread" if receiver.endswith("in a thread") else "process"
                             fsync = receiver != "boldstream, fsync off"
                             direct = receiver != "boldstream, direct_store off"
+                            analyse = receiver != "boldstream, no series analysed"
                             with _boldstream(
-                                root, quickack=quick, ingest=mode, fsync=fsync, direct=direct
+                                root,
+                                quickack=quick,
+                                ingest=mode,
+                                fsync=fsync,
+                                direct=direct,
+                                analyse=analyse,
                             ) as (port, vols, rec):
                                 seconds = _send(port, subset, nodelay=nodelay)
                                 rec.ingest.wait_idle(60)
+                                if analyse == (not vols):  # what the row claims, or no row
+                                    raise SystemExit(f"{receiver}: {len(vols)} volumes")
                                 if receiver == "boldstream":
                                     latency[name] += [
                                         (v.assembled - v.last_received) * 1e3 for v in vols
