@@ -35,7 +35,11 @@ ready), paced as a scanner sends with the ingest in its process and in a
 thread (instances join their volumes on arrival, the default), and for
 mosaics also with ``receiver.assemble = "after_write"`` (each instance waits
 for its durable write's verdict). A second table sends the per-slice series
-over 4 associations at once.
+over 4 associations at once. A third times association set-up and release
+as the receiver answers them (a pynetdicom requestor, A-ASSOCIATE-RQ sent to
+A-ASSOCIATE-AC received, A-RELEASE-RQ sent to A-RELEASE-RP received), for
+boldstream and storescp alternating: scanners open an association per
+series, and some per instance.
 
 Two measurements on the very same files, with no network, bound what any
 receiver can do here:
@@ -73,6 +77,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import MRImageStorage, Verification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -244,17 +249,14 @@ def _pynetdicom_alone() -> Iterator[int]:
     ae = AE(ae_title="BOLDSTREAM")
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
-    poll_s = load_settings(environ={}).receiver.reactor_poll_ms / 1000.0
-
-    def accepted(event: evt.Event) -> None:
-        event.assoc.dul._run_loop_delay = poll_s  # as boldstream's SCP sets it
-
     server = ae.make_server(
         ("127.0.0.1", 0),
-        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_ACCEPTED, accepted)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
         request_handler=PromptRequestHandler,
     )
-    server.direct_store = True  # C-STOREs answered as boldstream's SCP answers them
+    # As boldstream's SCP: C-STOREs answered on the network thread, its loop's poll.
+    server.direct_store = True
+    server.reactor_poll_s = load_settings(environ={}).receiver.reactor_poll_ms / 1000.0
     ae._servers.append(server)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -281,6 +283,34 @@ def _storescp(root: Path, *, nodelay: bool) -> Iterator[int]:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _handshakes(port: int, n: int) -> tuple[list[float], list[float]]:
+    """ms from A-ASSOCIATE-RQ sent to AC received, and A-RELEASE-RQ to RP, ``n`` times.
+
+    Taken from the requestor's PDU events, so its own set-up before the
+    request and its teardown after the answer are not counted.
+    """
+    marks: dict[str, float] = {}
+
+    def mark(event: evt.Event) -> None:
+        marks[type(event.pdu).__name__] = time.perf_counter()
+
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(Verification)
+    handlers = [(evt.EVT_PDU_SENT, mark), (evt.EVT_PDU_RECV, mark)]
+    setup: list[float] = []
+    release: list[float] = []
+    for _ in range(n):
+        marks.clear()
+        assoc = ae.associate("127.0.0.1", port, ae_title="BOLDSTREAM", evt_handlers=handlers)
+        if not assoc.is_established:
+            raise SystemExit("association set-up timing: the receiver did not accept")
+        assoc.release()
+        setup.append((marks["A_ASSOCIATE_AC"] - marks["A_ASSOCIATE_RQ"]) * 1e3)
+        release.append((marks["A_RELEASE_RP"] - marks["A_RELEASE_RQ"]) * 1e3)
+    return setup, release
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -522,6 +552,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             table(
                 ["associations", "ingest process (default)", "ingest in a thread", "ratio"],
                 par_rows,
+            )
+        )
+        handshakes: dict[str, tuple[list[float], list[float]]] = {
+            "boldstream": ([], []),
+            "DCMTK storescp": ([], []),
+        }
+        for _ in range(args.repeats):
+            for receiver, (setup, release) in handshakes.items():
+                with contextlib.ExitStack() as stack:
+                    if receiver == "boldstream":
+                        port = stack.enter_context(_boldstream(root, quickack=True))[0]
+                    else:
+                        port = stack.enter_context(_storescp(root, nodelay=True))
+                    got = _handshakes(port, 40)
+                setup += got[0]
+                release += got[1]
+        print(
+            "\nassociation set-up and release, pynetdicom requestor, "
+            f"{40 * args.repeats} each (storescp with TCP_NODELAY=1), ms\n"
+        )
+        print(
+            table(
+                ["receiver", "RQ -> AC p50", "p95", "release RQ -> RP p50", "p95"],
+                [
+                    [
+                        receiver,
+                        f"{statistics.median(setup):.2f}",
+                        f"{_pct(setup, 0.95):.2f}",
+                        f"{statistics.median(release):.2f}",
+                        f"{_pct(release, 0.95):.2f}",
+                    ]
+                    for receiver, (setup, release) in handshakes.items()
+                ],
             )
         )
         # Paced like a scanner (20x real time at TR 2 s: a volume every 100 ms), sent by

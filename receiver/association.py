@@ -26,6 +26,18 @@ message sent or received, they read each command set through pydicom and
 format a description for that logger at INFO and DEBUG whether it prints
 them or not. With ``logging.level = "debug"`` they stay bound.
 
+:class:`SharedContexts` holds the server's supported presentation
+contexts. pynetdicom deep-copies that list into every association it
+accepts (``RequestHandler._create_association``), which for boldstream's
+~150 storage contexts rebuilds and re-validates every UID: about 5 ms of an
+association's set-up, paid per series by most scanners and per instance by
+some. Negotiation only reads those contexts (pynetdicom 3.0
+``negotiate_as_acceptor`` builds new result contexts), so every association
+gets its own list of the same context objects instead. The handler also
+gives the association's network loop boldstream's poll
+(``receiver.reactor_poll_ms``) before it starts, so the set-up's own steps
+do not wait out pynetdicom's 1 ms default between them.
+
 With ``receiver.direct_store`` (the default) the association's network
 thread is a :class:`~boldstream.receiver.direct.DirectDUL`, which answers
 plain C-STOREs itself from the PDU bytes; everything else (C-ECHO, release,
@@ -55,7 +67,19 @@ from pynetdicom.transport import RequestHandler
 from boldstream.receiver.dimse import ArrivalQueue, LeanDIMSEServiceProvider
 from boldstream.receiver.direct import DirectDUL
 
-__all__ = ["PromptAssociation", "PromptRequestHandler"]
+__all__ = ["PromptAssociation", "PromptRequestHandler", "SharedContexts"]
+
+
+class SharedContexts(list[Any]):
+    """The server's supported contexts; ``deepcopy`` gives a new list of the same items.
+
+    Nothing may change these contexts while the server runs (boldstream sets
+    them once, before it listens); ``tests/receiver/test_association.py``
+    checks that negotiation leaves them as they were.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
 
 
 class PromptAssociation(Association):
@@ -130,6 +154,9 @@ class PromptRequestHandler(RequestHandler):
         assoc.dimse.msg_queue = ArrivalQueue()  # still empty: the association has not started
         if getattr(self.server, "direct_store", False):
             assoc.dul.__class__ = DirectDUL  # not started yet either
+        poll_s = getattr(self.server, "reactor_poll_s", None)
+        if poll_s is not None:
+            assoc.dul._run_loop_delay = poll_s
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             for event, handler in _TRACING:
                 assoc.unbind(event, handler)

@@ -60,7 +60,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from boldstream.config.settings import ReceiverSettings
 from boldstream.errors import DicomInputError, ReceiverError
 from boldstream.logs import get_logger
-from boldstream.receiver.association import PromptRequestHandler
+from boldstream.receiver.association import PromptRequestHandler, SharedContexts
 from boldstream.receiver.dimse import arrived
 from boldstream.receiver.header import header_from_dataset, pixel_data_problem, scan_header
 from boldstream.receiver.part10 import part10_bytes
@@ -232,6 +232,7 @@ class _TunedServer(ThreadedAssociationServer):
 
     tcp_quickack: bool = True
     direct_store: bool = False
+    reactor_poll_s: float | None = None
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     handshake_timeout_s: float = 30.0
     log: Any = None
@@ -463,13 +464,8 @@ def handle_echo(event: evt.Event, log: Any) -> int:
     return STATUS_SUCCESS
 
 
-def _handle_accepted(event: evt.Event, stats: ReceiverStats, poll_s: float, log: Any) -> None:
+def _handle_accepted(event: evt.Event, stats: ReceiverStats, log: Any) -> None:
     stats.add(associations=1)
-    # pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do;
-    # its 1 ms default caps a per-slice series at a few hundred instances/s.
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = poll_s
     req = event.assoc.requestor
     log.info("association accepted", calling_aet=req.ae_title, peer=f"{req.address}:{req.port}")
 
@@ -582,7 +578,7 @@ class StorageSCP:
             (
                 evt.EVT_ACCEPTED,
                 _handle_accepted,
-                [self.stats, self.settings.reactor_poll_ms / 1000.0, self._log],
+                [self.stats, self._log],
             ),
             (evt.EVT_REJECTED, _handle_rejected, [self.settings.allowed_calling_aets, self._log]),
             (evt.EVT_ABORTED, _handle_aborted, [self._log]),
@@ -603,8 +599,13 @@ class StorageSCP:
                 f"cannot listen on {self.settings.bind}:{self.settings.port}: {exc.strerror}"
             ) from exc
         # Set before serve_forever starts, per server (not on the class).
+        server.contexts = SharedContexts(server.contexts)
         server.tcp_quickack = self.settings.tcp_quickack
         server.direct_store = self.settings.direct_store
+        # pynetdicom's network loop sleeps this long whenever it finds nothing to
+        # do; its 1 ms default caps a per-slice series at a few hundred
+        # instances/s and adds milliseconds to every association's set-up.
+        server.reactor_poll_s = self.settings.reactor_poll_ms / 1000.0
         server.allowed_networks = tuple(
             ipaddress.ip_network(a, strict=False) for a in self.settings.allowed_addresses
         )
