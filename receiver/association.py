@@ -29,7 +29,7 @@ them or not. With ``logging.level = "debug"`` they stay bound.
 :class:`SharedContexts` holds the server's supported presentation
 contexts. pynetdicom deep-copies that list into every association it
 accepts (``RequestHandler._create_association``), which for boldstream's
-~150 storage contexts rebuilds and re-validates every UID: about 5 ms of an
+~150 storage contexts rebuilds and re-validates every UID: 6-7 ms of an
 association's set-up, paid per series by most scanners and per instance by
 some. Negotiation only reads those contexts (pynetdicom 3.0
 ``negotiate_as_acceptor`` builds new result contexts), so every association
