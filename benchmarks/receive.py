@@ -75,6 +75,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, evt
@@ -163,30 +164,11 @@ def _send(port: int, files: Sequence[Path], *, nodelay: bool, senders: int = 1) 
 
 @contextlib.contextmanager
 def _boldstream(
-    root: Path,
-    *,
-    quickack: bool,
-    ingest: str = "process",
-    fsync: bool = True,
-    assemble: str | None = None,
-    direct: bool = True,
-    analyse: bool = True,
+    root: Path, *, quickack: bool, **options: Any
 ) -> Iterator[tuple[int, list[Volume], Receiver]]:
-    """A live Receiver with these settings (``assemble``: None keeps the default).
-
-    ``analyse=False``: the selector's include pattern matches no description,
-    so every series is spooled only.
-    """
+    """A live Receiver with the settings :func:`_settings` makes of these."""
     spool = Path(tempfile.mkdtemp(dir=root))
-    settings = _settings(
-        spool,
-        quickack=quickack,
-        ingest=ingest,
-        fsync=fsync,
-        assemble=assemble,
-        direct=direct,
-        analyse=analyse,
-    )
+    settings = _settings(spool, quickack=quickack, **options)
     volumes: list[Volume] = []
     receiver = Receiver(settings, lambda e: volumes.append(e) if isinstance(e, Volume) else None)
     receiver.start()
@@ -222,6 +204,9 @@ def _settings(
     direct: bool = True,
     analyse: bool = True,
 ) -> Settings:
+    """Defaults but for these (``assemble``: None keeps the default;
+    ``analyse=False``: the selector's include pattern matches no description,
+    so every series is spooled only)."""
     return load_settings(
         overrides=[
             {
