@@ -74,8 +74,9 @@ class ReceiverSettings(_Section):
     #: Set TCP_NODELAY and re-arm TCP_QUICKACK on accepted sockets
     #: (see docs/scanner-setup.md for why and what the sender should set).
     tcp_quickack: bool = True
-    #: How long pynetdicom's per-association network loop sleeps when idle (ms).
-    #: Lower answers faster (more instances/s) at a little idle CPU per association.
+    #: How long pynetdicom's per-association network loop sleeps when idle (ms),
+    #: from the association request on. Lower answers faster (more instances/s,
+    #: quicker set-up) at a little idle CPU per association.
     reactor_poll_ms: float = Field(default=0.2, gt=0, le=10)
     #: Answer plain C-STOREs on pynetdicom's network thread, from the PDU bytes,
     #: instead of through its state machine, DIMSE objects and association
