@@ -184,7 +184,8 @@ def _scp_only(root: Path) -> Iterator[tuple[int, StorageSCP]]:
     """boldstream's Storage SCP and spool, defaults, with nothing behind them."""
     spool_dir = Path(tempfile.mkdtemp(dir=root))
     settings = _settings(spool_dir, quickack=True)
-    spool = Spool(spool_dir, fsync=True, min_free_mb=settings.receiver.min_free_mb)
+    r = settings.receiver
+    spool = Spool(r.spool_dir, fsync=r.fsync, min_free_mb=r.min_free_mb)  # as Receiver makes it
     scp = StorageSCP(settings.receiver, spool, lambda _received: None)
     scp.start()
     try:
