@@ -41,7 +41,7 @@ from boldstream.receiver.selector import Selection, SeriesSelector
 from boldstream.receiver.spool import Spool
 from boldstream.receiver.volume import Volume, VolumeIncomplete
 
-__all__ = ["Begun", "Ingest", "IngestStats"]
+__all__ = ["Begun", "Ingest", "IngestStats", "warn_not_stored_after_all"]
 
 Emitted = Volume | VolumeIncomplete
 
@@ -265,19 +265,10 @@ class Ingest:
 
         def check(stored: bool) -> None:  # in the handler's thread, when its write ends
             if not stored:
-                self.not_stored_after_all(path)
+                warn_not_stored_after_all(self._log, path)
 
         if not item.durable.when_resolved(check):
             check(item.durable.wait(0) is True)
-
-    def not_stored_after_all(self, path: Path) -> None:
-        """The write of an instance already assembled (``on_arrival``) did not
-        store it: refused to the scanner, or a copy of it got there first."""
-        self._log.warning(
-            "instance assembled on arrival, but its spool write did not store it "
-            "(refused to the scanner, or a copy already there)",
-            path=str(path),
-        )
 
     def begin(self, item: Received) -> Begun:
         """The work that may precede the instance's durable write: read and decode.
@@ -374,3 +365,17 @@ class Ingest:
                 self._emit(event)
             except Exception:
                 self._log.exception("volume consumer failed")
+
+
+def warn_not_stored_after_all(log: Any, path: Path) -> None:
+    """The write of an instance already handed to assembly (``on_arrival``) did
+    not store it: refused to the scanner, or a copy of it got there first.
+
+    Logged where the write's verdict is known: the handler's thread, for the
+    ingest thread and the ingest process alike.
+    """
+    log.warning(
+        "instance assembled on arrival, but its spool write did not store it "
+        "(refused to the scanner, or a copy already there)",
+        path=str(path),
+    )

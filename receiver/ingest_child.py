@@ -47,10 +47,11 @@ class _Child:
     Everything runs on the child's main thread: an instance is read and
     decoded as soon as it arrives (:meth:`Ingest.begin`, while the parent's
     durable write of it is under way). By default (``receiver.assemble =
-    "on_arrival"``) it is completed (:meth:`Ingest.finish`) at once, and its
-    verdict is only checked. With ``"after_write"`` it is parked under its
-    token and its verdict completes it as soon as that arrives; no hand-over
-    to a second thread sits between the verdict and the volume.
+    "on_arrival"``) it is completed (:meth:`Ingest.finish`) at once, and no
+    verdict follows (the parent logs a write that failed). With
+    ``"after_write"`` it is parked under its token and its verdict completes
+    it as soon as that arrives; no hand-over to a second thread sits between
+    the verdict and the volume.
     """
 
     def __init__(
@@ -75,8 +76,6 @@ class _Child:
         self.orphaned = False
         #: Instances sent before their durable write, begun, waiting for its verdict.
         self.pending: dict[int, _Parked] = {}
-        #: Instances assembled on arrival (``receiver.assemble``), their verdict to come.
-        self.assembled_early: dict[int, Path] = {}
         #: Spooled files to assemble before anything sent live (oldest first).
         self.backlog: deque[Path] = deque()
         self.early: deque[list[bytes]] = deque()
@@ -110,14 +109,10 @@ class _Child:
 
     def take(self, frames: list[bytes]) -> None:
         """An instance or a verdict on one."""
-        if frames[0] == b"durable":
-            token, stored = int(frames[1]), frames[2] == b"1"
-            parked = self.pending.pop(token, None)
+        if frames[0] == b"durable":  # only with receiver.assemble = "after_write"
+            parked = self.pending.pop(int(frames[1]), None)
             if parked is not None:
-                self.ingest.finish(parked.begun, stored)
-            early = self.assembled_early.pop(token, None)
-            if early is not None and not stored:
-                self.ingest.not_stored_after_all(early)
+                self.ingest.finish(parked.begun, frames[2] == b"1")
             return
         header = json.loads(frames[1])
         place = header.get("ring")
@@ -141,9 +136,7 @@ class _Child:
         if header["pending"] and not self.ingest.on_arrival:
             self.pending[int(header["token"])] = _Parked(begun, time.monotonic())
             return
-        self.ingest.finish(begun, True)
-        if header["pending"]:  # assembled on arrival: its verdict is only checked
-            self.assembled_early[int(header["token"])] = begun.item.path
+        self.ingest.finish(begun, True)  # on arrival: the parent logs a write that fails
 
     def recover_one(self, path: Path) -> None:
         item = self.ingest.read_recovered(path)

@@ -13,12 +13,13 @@ pickle):
   the instance's bytes in shared memory (:mod:`boldstream.receiver.ring`,
   its place in the header), or ``[b"instance", header JSON, encoded
   instance]`` when they do not fit there, sent by the handler while its
-  durable write runs (the child decodes meanwhile), then ``[b"durable",
-  token, b"1" | b"0"]`` once the write has ended: by default
-  (``receiver.assemble = "on_arrival"``) the child has assembled it already
-  and only logs a ``0``; with ``"after_write"`` it assembles the instance
-  only after a ``1``, so nothing the scanner was not told is safe becomes
-  part of a volume. An instance that could not be sent early, or went to a
+  durable write runs (the child decodes meanwhile). By default
+  (``receiver.assemble = "on_arrival"``) the child assembles it at once and
+  nothing more is sent about it: a write that did not store it is logged by
+  the handler's thread. With ``"after_write"``, ``[b"durable", token, b"1" |
+  b"0"]`` follows once the write has ended, and the child assembles the
+  instance only after a ``1``, so nothing the scanner was not told is safe
+  becomes part of a volume. An instance that could not be sent early, or went to a
   child that has since been replaced, is sent whole after its write
   instead. ``[b"sync"]`` answers a child's ``hello``; ``[b"stop"]`` follows
   the last instance.
@@ -53,7 +54,7 @@ import zmq
 from boldstream.config.settings import Settings
 from boldstream.errors import ReceiverError
 from boldstream.logs import get_logger
-from boldstream.receiver.ingest import Emitted, IngestStats
+from boldstream.receiver.ingest import Emitted, IngestStats, warn_not_stored_after_all
 from boldstream.receiver.ingest_child import HWM, TICK_S, child_main
 from boldstream.receiver.ring import Ring
 from boldstream.receiver.scp import Received
@@ -89,6 +90,7 @@ class IngestProcess:
     ) -> None:
         self.settings = settings
         self.spool = spool
+        self._on_arrival = settings.receiver.assemble == "on_arrival"
         self.restarts = 0
         self._emit = emit
         self._on_down = on_down
@@ -145,9 +147,17 @@ class IngestProcess:
             self._verdict(item, token, sent, item.durable.wait(0) is True)
 
     def _verdict(self, item: Received, token: int, sent: int | None, stored: bool) -> None:
-        """After the write: tell the child, or send the whole instance if it never got it."""
+        """After the write: tell the child, or send the whole instance if it never got it.
+
+        With ``receiver.assemble = "on_arrival"`` the child has no use for the
+        verdict (it assembled the instance on arrival): a write that did not
+        store it is logged here, and nothing is sent.
+        """
         if sent is not None and sent == self._generation:
-            self._send([b"durable", str(token).encode(), b"1" if stored else b"0"], item)
+            if not self._on_arrival:
+                self._send([b"durable", str(token).encode(), b"1" if stored else b"0"], item)
+            elif not stored:
+                warn_not_stored_after_all(self._log, item.path)
         elif stored:
             # Not sent before, or sent to a child that has since been replaced
             # (whose recovery scan may have run before this write ended).

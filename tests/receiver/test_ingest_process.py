@@ -432,11 +432,11 @@ def test_without_shared_memory_instances_go_through_the_socket(
     assert any(e["event"].startswith("no shared memory for the ingest process") for e in logs)
 
 
-def test_child_assembles_on_arrival_when_told_and_logs_a_write_that_failed(
+def test_child_assembles_on_arrival_with_no_verdict_to_wait_for(
     tmp_path: Path, files: list[Path]
 ) -> None:
-    """``receiver.assemble = "on_arrival"``: a volume comes before any verdict,
-    and a verdict that the write failed is logged, not waited for."""
+    """``receiver.assemble = "on_arrival"``: the volume comes as its last slice
+    arrives, and the child holds nothing waiting for a verdict."""
     from boldstream.stream import codec
 
     with _child_here(tmp_path, assemble="on_arrival") as (child, _, from_child):
@@ -447,9 +447,48 @@ def test_child_assembles_on_arrival_when_told_and_logs_a_write_that_failed(
         assert bytes(frames[0].buffer) == b"event"
         assert codec.decode(frames[1:]).payload.index == 0
         assert child.idle and not child.pending
+        assert child.ingest.stats.instances == N_SLICES
+
+
+def test_on_arrival_the_verdict_stays_in_the_receiver_and_a_failed_write_is_logged(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """By default the child has assembled the instance before its write ends:
+    the receiver sends it no verdict (one message per instance, not two) and
+    logs, in the handler's thread, a write that did not store the instance."""
+    with _running(tmp_path) as (ingest, collected, spool):
+        sent: list[bytes] = []
+        send = ingest._send
+
+        def spy(frames: list[Any], item: Received) -> None:
+            sent.append(bytes(frames[0]))
+            send(frames, item)
+
+        ingest._send = spy  # type: ignore[method-assign]
+        items = []
         with capture_logs() as logs:
-            for token in range(N_SLICES):
-                child.take([b"durable", str(token).encode(), b"0" if token == 3 else b"1"])
+            for k, path in enumerate(files[:N_SLICES]):
+                item, _ = _received(path, Durability(), spool)
+                ingest.submit(item)
+                item.durable.resolve(k != 3)
+                items.append(item)
+        assert sorted(collected.wait(1)) == [0]
+        assert ingest.wait_idle(20)
+        assert sent == []
         failed = [e for e in logs if "its spool write did not store it" in e["event"]]
-        assert len(failed) == 1
-        assert child.assembled_early == {}
+        assert [e["path"] for e in failed] == [str(items[3].path)]
+
+
+def test_after_write_the_child_is_sent_every_verdict(tmp_path: Path, files: list[Path]) -> None:
+    with _running(tmp_path, assemble="after_write") as (ingest, collected, spool):
+        sent: list[bytes] = []
+        send = ingest._send
+
+        def spy(frames: list[Any], item: Received) -> None:
+            sent.append(bytes(frames[0]))
+            send(frames, item)
+
+        ingest._send = spy  # type: ignore[method-assign]
+        _deliver(ingest, spool, files[:N_SLICES])
+        assert sorted(collected.wait(1)) == [0]
+        assert sent == [b"durable"] * N_SLICES
