@@ -18,6 +18,7 @@ positions must be evenly spaced along one line, which is checked.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -73,13 +74,14 @@ def orientation_frame(iop: Sequence[float] | npt.ArrayLike) -> tuple[FloatArray,
     vectors, because every later step silently produces a wrong affine then.
     """
     values = np.asarray(iop, dtype=np.float64).ravel()
-    if values.shape != (6,) or not np.all(np.isfinite(values)):
-        raise DicomInputError(
-            f"ImageOrientationPatient must be 6 finite numbers, got {values.tolist()}"
-        )
-    row_dir, col_dir = values[:3], values[3:]
-    norms = (float(np.linalg.norm(row_dir)), float(np.linalg.norm(col_dir)))
-    dot = float(row_dir @ col_dir)
+    # Six numbers, checked in Python floats: numpy's per-call overhead on
+    # 3-vectors is most of this function's time, and it runs for every instance.
+    r = values.tolist()
+    if len(r) != 6 or not all(map(math.isfinite, r)):
+        raise DicomInputError(f"ImageOrientationPatient must be 6 finite numbers, got {r}")
+    norms = (math.sqrt(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]),
+             math.sqrt(r[3] * r[3] + r[4] * r[4] + r[5] * r[5]))  # fmt: skip
+    dot = r[0] * r[3] + r[1] * r[4] + r[2] * r[5]
     if abs(norms[0] - 1) > _IOP_TOLERANCE or abs(norms[1] - 1) > _IOP_TOLERANCE:
         raise DicomInputError(
             f"ImageOrientationPatient vectors are not unit length (lengths {norms[0]:.4f}, "
@@ -90,7 +92,7 @@ def orientation_frame(iop: Sequence[float] | npt.ArrayLike) -> tuple[FloatArray,
             f"ImageOrientationPatient row and column directions are not perpendicular "
             f"(cosine {dot:.4f}): the image orientation in this header is broken"
         )
-    return row_dir / norms[0], col_dir / norms[1]
+    return values[:3] / norms[0], values[3:] / norms[1]
 
 
 def slice_normal(iop: Sequence[float] | npt.ArrayLike) -> FloatArray:
