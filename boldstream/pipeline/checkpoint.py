@@ -10,6 +10,9 @@ Layout, under the pipeline's run folder::
         fixed-<name>.npy     written once per series (reference volume, QC mask)
         state.json           the latest checkpoint; names its arrays file
         state-<index>.npz    arrays of that checkpoint (older ones are removed)
+    <root>/studies/<stage>/<study_uid>-<name>.npz
+                             what a later series of the same study needs (the
+                             motion stage's SBRef); the newest few studies' kept
 
 ``state.json`` is replaced atomically (write, fsync-free ``os.replace``) after
 its arrays file is complete, so a reader sees the previous checkpoint or the
@@ -91,6 +94,33 @@ class CheckpointStore:
             return None
         out: npt.NDArray[Any] = np.load(path, allow_pickle=False)
         return out
+
+    def _study_file(self, study_uid: str, name: str) -> Path:
+        return self.root / "studies" / _safe(self.stage) / f"{_safe(study_uid)}-{_safe(name)}.npz"
+
+    def write_study(self, study_uid: str, name: str, arrays: Arrays, *, keep: int) -> None:
+        """Arrays that outlive their series, for a later series of the same study
+        (its motion reference); only the ``keep`` newest studies' ``name`` stay."""
+        path = self._study_file(study_uid, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, allow_pickle=False, **arrays)
+        os.replace(tmp, path)
+        others = sorted(
+            (f for f in path.parent.glob(f"*-{_safe(name)}.npz") if f != path),
+            key=lambda f: f.stat().st_mtime_ns,
+        )
+        for old in others[: max(0, len(others) - (keep - 1))]:
+            old.unlink(missing_ok=True)
+
+    def read_study(self, study_uid: str, name: str) -> Arrays | None:
+        """What :meth:`write_study` wrote for the study, or None."""
+        path = self._study_file(study_uid, name)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
 
     def write(self, series: SeriesInfo, index: int, state: dict[str, Any], arrays: Arrays) -> None:
         """Checkpoint the state reached after volume ``index``."""

@@ -211,7 +211,7 @@ class MotionStage(SeriesStage):
             return self._skip(state, message, index, state.failed)
         out: list[Message] = []
         if state.corrector is None:
-            sbref = self._sbrefs.get(state.info.study_uid)
+            sbref = self._sbref_of(state.info.study_uid)
             if sbref is not None and not sbref.fits(state.info, p):
                 sbref = None
             reference = p.data if sbref is None else sbref.data
@@ -277,19 +277,71 @@ class MotionStage(SeriesStage):
         return out
 
     def _keep_sbref(self, state: _MotionSeries, message: Message, volume: Volume) -> list[Message]:
-        """An SBRef series' volume: kept as the reference of the BOLD series after it."""
+        """An SBRef series' volume: kept as the reference of the BOLD series after it.
+
+        With a checkpoint folder it is also written there, so that a stage
+        restarted before the BOLD series' first volume still finds it.
+        """
         study = state.info.study_uid
         if volume.index == 0 and bool(np.isfinite(volume.data).all()):
-            self._sbrefs[study] = _SBRef(
+            sbref = _SBRef(
                 state.info.series_number,
                 np.array(volume.data, dtype=np.float32),
                 np.array(volume.vox2ras, dtype=np.float64),
             )
-            self._sbrefs.move_to_end(study)
-            while len(self._sbrefs) > _REFERENCES_KEPT:
-                self._sbrefs.popitem(last=False)
+            self._remember_sbref(study, sbref)
+            if self.store is not None:
+                number = -1 if sbref.series_number is None else sbref.series_number
+                try:
+                    self.store.write_study(
+                        study,
+                        "sbref",
+                        {
+                            "data": sbref.data,
+                            "vox2ras": sbref.vox2ras,
+                            "series_number": np.asarray(number, dtype=np.int64),
+                        },
+                        keep=_REFERENCES_KEPT,
+                    )
+                except OSError as exc:
+                    self.log.warning(
+                        "SBRef not written to the checkpoint folder; a restart of this "
+                        "stage before the BOLD series would fall back to its first volume",
+                        series=state.info.series_uid,
+                        error=str(exc),
+                    )
         reason = "single-band reference (SBRef): the motion reference of the BOLD series after it"
         return self._skip(state, message, volume.index, reason)
+
+    def _remember_sbref(self, study: str, sbref: _SBRef) -> None:
+        self._sbrefs[study] = sbref
+        self._sbrefs.move_to_end(study)
+        while len(self._sbrefs) > _REFERENCES_KEPT:
+            self._sbrefs.popitem(last=False)
+
+    def _sbref_of(self, study: str) -> _SBRef | None:
+        """The study's latest SBRef: held, or written by this stage before a restart."""
+        found = self._sbrefs.get(study)
+        if found is not None or self.store is None:
+            return found
+        try:
+            arrays = self.store.read_study(study, "sbref")
+            if arrays is None:
+                return None
+            number = int(arrays["series_number"])
+            found = _SBRef(
+                None if number < 0 else number,
+                np.asarray(arrays["data"], dtype=np.float32),
+                np.asarray(arrays["vox2ras"], dtype=np.float64),
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            self.log.error("SBRef in the checkpoint folder unreadable", error=str(exc))
+            return None
+        self.log.info(
+            "SBRef restored from the checkpoint folder", series_number=found.series_number
+        )
+        self._remember_sbref(study, found)
+        return found
 
     def _corrected(
         self,

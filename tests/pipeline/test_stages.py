@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -121,6 +122,49 @@ def test_an_sbref_series_before_the_bold_series_is_its_motion_reference() -> Non
         out = run_chain(MotionStage(), QCStage(), [Message(other), *(Message(v) for v in vols)])
         first = by_topic([m for m in out if m.series == bold], topics.MOTION)[0]
         assert all(first[k] == 0.0 for k in topics.MOTION_FIELDS[:6])
+
+
+def test_a_motion_stage_restarted_after_the_sbref_still_uses_it(tmp_path: Path) -> None:
+    """The stage process dies between the SBRef series and the BOLD series' first
+    volume: the new process finds the SBRef in the checkpoint folder, and the
+    BOLD series is corrected to it as without the restart. Another study's
+    BOLD series does not take it."""
+    bold = make_series("1.2.3.50")
+    sbref_series = replace(
+        make_series("1.2.3.49"), description="rest_SBRef", series_number=6, reference=True
+    )
+    vols = volumes(8, bold)
+    sbref = as_volume(vols[5].data * 1.5, vols[5].vox2ras, sbref_series, 0)
+    first = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)
+    out = run_chain(first, QCStage(checkpoint_dir=tmp_path), [Message(sbref)])
+    assert [m.topic for m in out if m.series == sbref_series] == [SKIPPED]
+    again = MotionStage(checkpoint_dir=tmp_path, checkpoint_every=5)  # the restart
+    out = run_chain(again, QCStage(checkpoint_dir=tmp_path), [Message(v) for v in vols])
+    motion = by_topic(out, topics.MOTION)
+    corrector = MotionCorrector(sbref.data, vols[0].vox2ras)
+    for v in vols:
+        got = [motion[v.index][k] for k in topics.MOTION_FIELDS[:6]]
+        np.testing.assert_allclose(got, corrector.register(v.data).params, atol=1e-9)
+    assert max(abs(motion[0][k]) for k in ("trans_x", "trans_y", "trans_z")) > 0.05
+
+    other = replace(make_series("1.2.3.60"), study_uid="1.2.3.999")
+    out = run_chain(
+        MotionStage(checkpoint_dir=tmp_path),
+        QCStage(checkpoint_dir=tmp_path),
+        [Message(as_volume(v.data, v.vox2ras, other, v.index)) for v in vols[:2]],
+    )
+    assert all(by_topic(out, topics.MOTION)[0][k] == 0.0 for k in topics.MOTION_FIELDS[:6])
+
+
+def test_study_arrays_keep_only_the_newest_studies(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "motion")
+    for k in range(5):
+        store.write_study(f"1.2.{k}", "sbref", {"data": np.full(3, k)}, keep=3)
+        time.sleep(0.02)  # file times are coarser than back-to-back writes
+    held = sorted(p.name for p in (tmp_path / "studies" / "motion").iterdir())
+    assert held == ["1.2.2-sbref.npz", "1.2.3-sbref.npz", "1.2.4-sbref.npz"]
+    np.testing.assert_array_equal(store.read_study("1.2.4", "sbref")["data"], np.full(3, 4))
+    assert store.read_study("1.2.0", "sbref") is None
 
 
 def test_interleaved_series_are_kept_apart() -> None:
