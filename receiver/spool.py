@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ _CLOSED = ".closed"
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
 #: Where a nameless file gets a name from: its descriptor's path.
 _PROC_FD = Path("/proc/self/fd")
+#: How many series folders a spool remembers as made (an entry is a few hundred bytes).
+FOLDERS_KEPT = 4096
 
 
 class SpoolFullError(ReceiverError):
@@ -106,8 +109,9 @@ class Spool:
         self._incoming = self.root / ".incoming"
         #: Whether instances are written as nameless files (see the module docstring).
         self.nameless = bool(_O_TMPFILE) and _PROC_FD.is_dir()
-        #: Series folders known to exist with durable names (one entry per series).
-        self._folders: set[Path] = set()
+        #: Series folders known to exist with durable names, the most recent
+        #: FOLDERS_KEPT (a service runs for months; one forgotten is made again).
+        self._folders: OrderedDict[Path, None] = OrderedDict()
         self._folders_lock = threading.Lock()
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,8 @@ class Spool:
     def _make_folders(self, series: Path) -> None:
         """Create the study and series folders if need be, their names durable
         too (each parent fsync'd; a crash could otherwise lose a new folder with
-        every instance in it), once per series and process. Under a lock, so
+        every instance in it), once per series and process (again for one
+        older than the last FOLDERS_KEPT series). Under a lock, so
         that no handler writes into a folder whose name another is still
         making durable."""
         if series in self._folders:
@@ -167,7 +172,9 @@ class Spool:
                 folder.mkdir(exist_ok=True)
                 if self.fsync:
                     _fsync_dir(folder.parent)
-            self._folders.add(series)
+            self._folders[series] = None
+            while len(self._folders) > FOLDERS_KEPT:
+                self._folders.popitem(last=False)
 
     def _store_nameless(self, final: Path, data: bytes) -> bool | None:
         """Write a nameless file in ``final``'s folder and link it there: True,

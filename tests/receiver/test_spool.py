@@ -197,6 +197,26 @@ def test_new_folders_are_made_durable_once_per_series(
     ]
 
 
+def test_a_spool_remembers_a_bounded_number_of_series_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service runs for months: the folders it knows are the latest few; an
+    older series' folder is made (and its name made durable) again, and its
+    instances are stored as before."""
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "_fsync_dir", synced.append)
+    monkeypatch.setattr(spool_module, "FOLDERS_KEPT", 2)
+    spool = Spool(tmp_path)
+    for k in range(3):
+        spool.store(STUDY, f"1.2.3.{k}", f"1.{k}", b"x")
+    assert list(spool._folders) == [tmp_path / STUDY / "1.2.3.1", tmp_path / STUDY / "1.2.3.2"]
+    synced.clear()
+    again = spool.store(STUDY, "1.2.3.0", "1.9", b"y")
+    assert again.path.read_bytes() == b"y" and not again.duplicate
+    assert synced == [tmp_path, tmp_path / STUDY, tmp_path / STUDY / "1.2.3.0"]
+    assert len(spool._folders) == 2
+
+
 def test_no_instance_is_stored_in_a_folder_whose_name_is_not_yet_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
