@@ -19,10 +19,10 @@ pickle):
   the handler's thread. With ``"after_write"``, ``[b"durable", token, b"1" |
   b"0"]`` follows once the write has ended, and the child assembles the
   instance only after a ``1``, so nothing the scanner was not told is safe
-  becomes part of a volume. An instance that could not be sent early, or went to a
-  child that has since been replaced, is sent whole after its write
-  instead. ``[b"sync"]`` answers a child's ``hello``; ``[b"stop"]`` follows
-  the last instance.
+  becomes part of a volume. An instance that could not be sent early, or
+  went to a child that has since been replaced, is sent whole after its
+  write instead. ``[b"sync"]`` answers a child's ``hello``; ``[b"stop"]``
+  follows the last instance.
 - child PUSH -> parent PULL: ``[b"hello"]``, ``[b"ready"]`` once it has
   listed the spooled instances it recovers (it assembles them before anything
   sent live), ``[b"event", *codec frames]`` per assembled volume or
