@@ -104,23 +104,34 @@ class CheckpointStore:
         path = self._study_file(study_uid, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, allow_pickle=False, **arrays)
-        os.replace(tmp, path)
-        others = sorted(
-            (f for f in path.parent.glob(f"*-{_safe(name)}.npz") if f != path),
-            key=lambda f: f.stat().st_mtime_ns,
-        )
-        for old in others[: max(0, len(others) - (keep - 1))]:
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, allow_pickle=False, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        others = []
+        for other in path.parent.glob(f"*-{_safe(name)}.npz"):
+            if other != path:
+                with contextlib.suppress(FileNotFoundError):
+                    others.append((other.stat().st_mtime_ns, other))
+        others.sort()
+        for _, old in others[: max(0, len(others) - (keep - 1))]:
             old.unlink(missing_ok=True)
 
     def read_study(self, study_uid: str, name: str) -> Arrays | None:
-        """What :meth:`write_study` wrote for the study, or None."""
+        """What :meth:`write_study` wrote for the study, or None. A file that
+        cannot be read raises (numpy's and zipfile's errors)."""
         path = self._study_file(study_uid, name)
         if not path.exists():
             return None
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
+
+    def drop_study(self, study_uid: str, name: str) -> None:
+        """Remove what :meth:`write_study` wrote (e.g. a file that cannot be read)."""
+        self._study_file(study_uid, name).unlink(missing_ok=True)
 
     def write(self, series: SeriesInfo, index: int, state: dict[str, Any], arrays: Arrays) -> None:
         """Checkpoint the state reached after volume ``index``."""

@@ -42,6 +42,7 @@ transform), so the pipeline, which drops duplicates, publishes each result once.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -303,7 +304,7 @@ class MotionStage(SeriesStage):
                         },
                         keep=_REFERENCES_KEPT,
                     )
-                except OSError as exc:
+                except (OSError, ValueError) as exc:
                     self.log.warning(
                         "SBRef not written to the checkpoint folder; a restart of this "
                         "stage before the BOLD series would fall back to its first volume",
@@ -334,8 +335,14 @@ class MotionStage(SeriesStage):
                 np.asarray(arrays["data"], dtype=np.float32),
                 np.asarray(arrays["vox2ras"], dtype=np.float64),
             )
-        except (OSError, ValueError, KeyError) as exc:
-            self.log.error("SBRef in the checkpoint folder unreadable", error=str(exc))
+        except Exception as exc:  # numpy, zipfile and OS errors alike: never fail the series
+            self.log.error(
+                "SBRef in the checkpoint folder unreadable; removed, the series takes "
+                "its own first volume as motion reference",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            with contextlib.suppress(OSError):
+                self.store.drop_study(study, "sbref")
             return None
         self.log.info(
             "SBRef restored from the checkpoint folder", series_number=found.series_number

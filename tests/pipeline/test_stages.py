@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pipeline_support import as_volume, chain, make_series, phantom, volumes
+from structlog.testing import capture_logs
 
 from boldstream.analysis import MotionCorrector, QCAccumulator, foreground_mask
 from boldstream.pipeline.checkpoint import CheckpointStore
@@ -154,6 +155,27 @@ def test_a_motion_stage_restarted_after_the_sbref_still_uses_it(tmp_path: Path) 
         [Message(as_volume(v.data, v.vox2ras, other, v.index)) for v in vols[:2]],
     )
     assert all(by_topic(out, topics.MOTION)[0][k] == 0.0 for k in topics.MOTION_FIELDS[:6])
+
+
+def test_an_unreadable_sbref_file_leaves_the_series_its_first_volume(tmp_path: Path) -> None:
+    """A damaged SBRef file after a restart: logged and removed once, and the
+    series is corrected to its own first volume, every volume analysed."""
+    bold = make_series("1.2.3.50")
+    sbref_series = replace(
+        make_series("1.2.3.49"), description="rest_SBRef", series_number=6, reference=True
+    )
+    vols = volumes(6, bold)
+    sbref = as_volume(vols[5].data * 1.5, vols[5].vox2ras, sbref_series, 0)
+    run_chain(MotionStage(checkpoint_dir=tmp_path), QCStage(), [Message(sbref)])
+    (stored,) = (tmp_path / "studies" / "motion").iterdir()
+    stored.write_bytes(stored.read_bytes()[:100])  # truncated
+    with capture_logs() as logs:
+        out = run_chain(MotionStage(checkpoint_dir=tmp_path), QCStage(), [Message(v) for v in vols])
+    assert sorted(by_topic(out, topics.MOTION)) == list(range(6))
+    assert all(by_topic(out, topics.MOTION)[0][k] == 0.0 for k in topics.MOTION_FIELDS[:6])
+    assert not any(m.topic == SKIPPED for m in out)
+    unreadable = [e for e in logs if e["event"].startswith("SBRef in the checkpoint folder")]
+    assert len(unreadable) == 1 and not stored.exists()
 
 
 def test_study_arrays_keep_only_the_newest_studies(tmp_path: Path) -> None:
