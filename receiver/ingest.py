@@ -375,7 +375,7 @@ def warn_not_stored_after_all(log: Any, path: Path) -> None:
     ingest thread and the ingest process alike.
     """
     log.warning(
-        "instance assembled on arrival, but its spool write did not store it "
+        "instance handed to assembly on arrival, but its spool write did not store it "
         "(refused to the scanner, or a copy already there)",
         path=str(path),
     )

@@ -134,11 +134,13 @@ class IngestProcess:
         return 0
 
     def submit(self, item: Received) -> None:
-        """Hand ``item`` over while its durable write runs; its verdict follows.
+        """Hand ``item`` over while its durable write runs.
 
-        The child starts decoding at once and assembles the instance only
-        when the verdict says it is safely in the spool (as the ingest thread
-        does with the :class:`Durability` token itself).
+        The child starts decoding at once. With ``receiver.assemble =
+        "after_write"`` it assembles the instance only when the verdict that
+        follows says it is safely in the spool (as the ingest thread does with
+        the :class:`Durability` token itself); by default it assembles it on
+        arrival and no verdict is sent (see :meth:`_verdict`).
         """
         self._tokens += 1
         token = self._tokens
@@ -150,14 +152,15 @@ class IngestProcess:
         """After the write: tell the child, or send the whole instance if it never got it.
 
         With ``receiver.assemble = "on_arrival"`` the child has no use for the
-        verdict (it assembled the instance on arrival): a write that did not
-        store it is logged here, and nothing is sent.
+        verdict (it assembles the instance on arrival): a write that did not
+        store an instance handed over early (to this child or to one since
+        replaced) is logged here, and nothing is sent.
         """
+        if self._on_arrival and sent is not None and not stored:
+            warn_not_stored_after_all(self._log, item.path)
         if sent is not None and sent == self._generation:
             if not self._on_arrival:
                 self._send([b"durable", str(token).encode(), b"1" if stored else b"0"], item)
-            elif not stored:
-                warn_not_stored_after_all(self._log, item.path)
         elif stored:
             # Not sent before, or sent to a child that has since been replaced
             # (whose recovery scan may have run before this write ended).

@@ -117,8 +117,9 @@ class Durability:
         """Call ``then(stored)`` in the resolving thread; False if already resolved.
 
         For one consumer (the ingest process, which sends the child the
-        verdict from here; the ingest thread assembling on arrival, which
-        logs a write that failed). Registering races no resolve: the check
+        verdict from here with ``receiver.assemble = "after_write"``; either
+        ingest assembling on arrival, which logs a write that failed).
+        Registering races no resolve: the check
         and the registration are one step under the lock resolve takes.
         """
         with self._lock:
