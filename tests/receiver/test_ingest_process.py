@@ -450,6 +450,20 @@ def test_child_assembles_on_arrival_with_no_verdict_to_wait_for(
         assert child.ingest.stats.instances == N_SLICES
 
 
+def _kinds_sent_after_writes(ingest: IngestProcess) -> list[bytes]:
+    """The kind of every message the receiver sends the child once a write has
+    ended (verdicts, whole instances), as it sends them."""
+    sent: list[bytes] = []
+    send = ingest._send
+
+    def spy(frames: list[Any], item: Received) -> None:
+        sent.append(bytes(frames[0]))
+        send(frames, item)
+
+    ingest._send = spy  # type: ignore[method-assign]
+    return sent
+
+
 def test_on_arrival_the_verdict_stays_in_the_receiver_and_a_failed_write_is_logged(
     tmp_path: Path, files: list[Path]
 ) -> None:
@@ -457,14 +471,7 @@ def test_on_arrival_the_verdict_stays_in_the_receiver_and_a_failed_write_is_logg
     the receiver sends it no verdict (one message per instance, not two) and
     logs, in the handler's thread, a write that did not store the instance."""
     with _running(tmp_path) as (ingest, collected, spool):
-        sent: list[bytes] = []
-        send = ingest._send
-
-        def spy(frames: list[Any], item: Received) -> None:
-            sent.append(bytes(frames[0]))
-            send(frames, item)
-
-        ingest._send = spy  # type: ignore[method-assign]
+        sent = _kinds_sent_after_writes(ingest)
         items = []
         with capture_logs() as logs:
             for k, path in enumerate(files[:N_SLICES]):
@@ -481,14 +488,7 @@ def test_on_arrival_the_verdict_stays_in_the_receiver_and_a_failed_write_is_logg
 
 def test_after_write_the_child_is_sent_every_verdict(tmp_path: Path, files: list[Path]) -> None:
     with _running(tmp_path, assemble="after_write") as (ingest, collected, spool):
-        sent: list[bytes] = []
-        send = ingest._send
-
-        def spy(frames: list[Any], item: Received) -> None:
-            sent.append(bytes(frames[0]))
-            send(frames, item)
-
-        ingest._send = spy  # type: ignore[method-assign]
+        sent = _kinds_sent_after_writes(ingest)
         _deliver(ingest, spool, files[:N_SLICES])
         assert sorted(collected.wait(1)) == [0]
         assert sent == [b"durable"] * N_SLICES
