@@ -119,8 +119,8 @@ class Durability:
         For one consumer (the ingest process, which sends the child the
         verdict from here with ``receiver.assemble = "after_write"``; either
         ingest assembling on arrival, which logs a write that failed).
-        Registering races no resolve: the check
-        and the registration are one step under the lock resolve takes.
+        Registering races no resolve: the check and the registration are one
+        step under the lock resolve takes.
         """
         with self._lock:
             if self._done.is_set():
